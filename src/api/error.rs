@@ -1,0 +1,104 @@
+//! The one error body every route returns (SPEC §2):
+//! `{"error": "...", "code": "...", "details": [...]}` with the matching status.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::event::Problem;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Vec<Problem>,
+    pub allow: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: Vec::new(),
+            allow: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// A malformed query parameter, named in the message and in `details`.
+    pub fn bad_param(name: &str, message: impl std::fmt::Display) -> Self {
+        let mut e = Self::bad_request(format!("parameter {name} {message}"));
+        e.details.push(Problem {
+            index: None,
+            field: Some(name.to_string()),
+            message: message.to_string(),
+        });
+        e
+    }
+
+    pub fn validation(details: Vec<Problem>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+            "validation failed",
+        );
+        e.details = details;
+        e
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid token is required (Authorization: Bearer <token>, or ?token=<token>)",
+        )
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %message, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("internal error: {message}"),
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    code: &'a str,
+    #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
+    details: &'a [Problem],
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: &self.message,
+            code: self.code,
+            details: &self.details,
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(allow) = self.allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+    }
+}

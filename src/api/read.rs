@@ -1,0 +1,386 @@
+//! Reading the log: query with paging, one event, the head, the streamed export and the
+//! server-side chain check. Every read stops at the committed head, so nothing a crash
+//! could take back is ever served.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use ulid::Ulid;
+
+use super::{ApiError, AppState};
+use crate::auth::{Caller, Role};
+use crate::chain::Verifier;
+use crate::cursor::{self, Filter, TypeFilter};
+use crate::event::Event;
+use crate::store::{Head, Store};
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+/// Export bodies are sent in pieces of about this size.
+const EXPORT_PIECE_BYTES: usize = 64 * 1024;
+
+#[derive(Serialize)]
+pub struct HeadJson {
+    seq: u64,
+    id: Option<String>,
+    hash: String,
+    timestamp: Option<String>,
+}
+
+pub fn head_json(head: &Head) -> HeadJson {
+    HeadJson {
+        seq: head.seq,
+        id: head.id.map(|id| id.to_string()),
+        hash: hex::encode(head.hash),
+        timestamp: head.timestamp.clone(),
+    }
+}
+
+/// `since`/`until`/`types`/`source`, parsed and intersected with the caller's allow-list.
+pub struct Selection {
+    pub after: Ulid,
+    pub before: Option<Ulid>,
+    pub filter: Filter,
+    allowed: Option<std::sync::Arc<TypeFilter>>,
+}
+
+impl Selection {
+    pub fn from_params(
+        params: &HashMap<String, String>,
+        caller: &Caller,
+    ) -> Result<Selection, ApiError> {
+        let after = match params.get("since") {
+            Some(s) => cursor::parse_since(s).map_err(|m| ApiError::bad_param("since", m))?,
+            None => cursor::ZERO,
+        };
+        let before = params
+            .get("until")
+            .map(|s| cursor::parse_until(s).map_err(|m| ApiError::bad_param("until", m)))
+            .transpose()?;
+        let types = params
+            .get("types")
+            .map(|s| TypeFilter::parse(s).map_err(|m| ApiError::bad_param("types", m)))
+            .transpose()?;
+        let source = match params.get("source") {
+            Some(s) if s.is_empty() => {
+                return Err(ApiError::bad_param("source", "must not be empty"));
+            }
+            other => other.cloned(),
+        };
+        Ok(Selection {
+            after,
+            before,
+            filter: Filter { types, source },
+            allowed: caller.allowed_types.clone(),
+        })
+    }
+
+    pub fn matches(&self, event: &Event) -> bool {
+        self.filter.matches(event)
+            && self
+                .allowed
+                .as_ref()
+                .is_none_or(|a| a.matches(&event.event_type))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    Asc,
+    Desc,
+}
+
+pub async fn query(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    let selection = Selection::from_params(&params, &caller)?;
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_param("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))
+            })?,
+    };
+    let order = match params.get("order").map(String::as_str) {
+        None | Some("asc") => Order::Asc,
+        Some("desc") => Order::Desc,
+        Some(_) => return Err(ApiError::bad_param("order", "must be asc or desc")),
+    };
+    let store = state.store.clone();
+    let page = tokio::task::spawn_blocking(move || read_page(&store, &selection, limit, order))
+        .await
+        .map_err(ApiError::internal)??;
+
+    // Events are stored as JCS lines: the body is assembled around them, never re-encoded.
+    let has_more = page.len() > limit;
+    let page = &page[..page.len().min(limit)];
+    let mut body = String::with_capacity(page.iter().map(|e| e.line.len() + 1).sum::<usize>() + 64);
+    body.push_str("{\"data\":[");
+    for (i, event) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&event.line);
+    }
+    body.push_str("],\"next\":");
+    match page.last().filter(|_| has_more) {
+        Some(last) => {
+            body.push('"');
+            body.push_str(&last.id.to_string());
+            body.push('"');
+        }
+        None => body.push_str("null"),
+    }
+    body.push('}');
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Up to `limit + 1` matching events (the extra one tells whether a next page exists).
+fn read_page(
+    store: &Store,
+    sel: &Selection,
+    limit: usize,
+    order: Order,
+) -> Result<Vec<Event>, ApiError> {
+    let mut page = Vec::with_capacity(limit + 1);
+    match order {
+        Order::Asc => {
+            for event in store.scan_after(sel.after).map_err(ApiError::internal)? {
+                let event = event.map_err(ApiError::internal)?;
+                if sel.before.is_some_and(|b| event.id >= b) {
+                    break;
+                }
+                if sel.matches(&event) {
+                    page.push(event);
+                    if page.len() > limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Order::Desc => {
+            let before = sel.before.unwrap_or(Ulid(u128::MAX));
+            for event in store.scan_before(before).map_err(ApiError::internal)? {
+                let event = event.map_err(ApiError::internal)?;
+                if event.id <= sel.after {
+                    break;
+                }
+                if sel.matches(&event) {
+                    page.push(event);
+                    if page.len() > limit {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(page)
+}
+
+pub async fn event_by_id(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    let not_found = || ApiError::not_found(format!("no event with id {id}"));
+    let Some(ulid) = cursor::parse_ulid(&id) else {
+        return Err(not_found());
+    };
+    let store = state.store.clone();
+    let event = tokio::task::spawn_blocking(move || store.get(ulid))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?
+        // An event outside the caller's allow-list does not exist for it.
+        .filter(|e| {
+            caller
+                .allowed_types
+                .as_ref()
+                .is_none_or(|a| a.matches(&e.event_type))
+        })
+        .ok_or_else(not_found)?;
+    let body = format!("{{\"data\":{}}}", event.line);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+pub async fn head(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(axum::Json(serde_json::json!({ "data": head_json(&state.store.head()) })).into_response())
+}
+
+/// NDJSON of every matching event, in log order, streamed in constant memory: a
+/// blocking reader fills pieces of ~64 KiB into a channel of 4, so at most a few pieces
+/// are in memory whatever the log's size.
+pub async fn export(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    let selection = Selection::from_params(&params, &caller)?;
+    let scan = state
+        .store
+        .scan_after(selection.after)
+        .map_err(ApiError::internal)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut piece = Vec::with_capacity(EXPORT_PIECE_BYTES + 4096);
+        for event in scan {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    // Abort the body so the client sees a truncated transfer, not a short export.
+                    tracing::error!(error = %e, "export aborted by a read error");
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+            };
+            if selection.before.is_some_and(|b| event.id >= b) {
+                break;
+            }
+            if !selection.matches(&event) {
+                continue;
+            }
+            piece.extend_from_slice(event.line.as_bytes());
+            piece.push(b'\n');
+            if piece.len() >= EXPORT_PIECE_BYTES {
+                let full =
+                    std::mem::replace(&mut piece, Vec::with_capacity(EXPORT_PIECE_BYTES + 4096));
+                if tx.blocking_send(Ok(full.into())).is_err() {
+                    return; // the client went away
+                }
+            }
+        }
+        if !piece.is_empty() {
+            let _ = tx.blocking_send(Ok(piece.into()));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum VerifyResult {
+    Ok {
+        ok: bool,
+        checked: u64,
+        head: HeadJson,
+    },
+    Broken {
+        ok: bool,
+        first_bad_seq: u64,
+        reason: String,
+    },
+}
+
+pub async fn verify(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    if caller.allowed_types.is_some() {
+        return Err(ApiError::forbidden(
+            "verify reads every event; a token with a types allow-list cannot use it (use inclusion proofs)",
+        ));
+    }
+    let head = state.store.head();
+    let seq_param = |name: &str, default: u64| -> Result<u64, ApiError> {
+        match params.get(name) {
+            None => Ok(default),
+            Some(s) => s
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=head.seq).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad_param(
+                        name,
+                        format!("must be an integer from 1 to the head seq ({})", head.seq),
+                    )
+                }),
+        }
+    };
+    let from_seq = seq_param("from_seq", 1)?;
+    let to_seq = seq_param("to_seq", head.seq)?;
+    if from_seq > to_seq && head.seq > 0 {
+        return Err(ApiError::bad_param(
+            "from_seq",
+            "must not be greater than to_seq",
+        ));
+    }
+    let store = state.store.clone();
+    let result = tokio::task::spawn_blocking(move || verify_range(&store, from_seq, to_seq))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(axum::Json(serde_json::json!({ "data": result })).into_response())
+}
+
+fn verify_range(store: &Store, from_seq: u64, to_seq: u64) -> Result<VerifyResult, ApiError> {
+    let mut verifier = if from_seq > 1 {
+        let before = store
+            .get_by_seq(from_seq - 1)
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::internal(format!("event {} is missing", from_seq - 1)))?;
+        let head = Head::of(&before).map_err(ApiError::internal)?;
+        Verifier::after(before.seq, before.id, head.hash)
+    } else {
+        Verifier::new()
+    };
+    let mut last_event = None;
+    for event in store.scan_from_seq(from_seq).map_err(ApiError::internal)? {
+        let event = event.map_err(ApiError::internal)?;
+        if event.seq > to_seq {
+            break;
+        }
+        let broken = match crate::chain::inspect_line(event.line.as_bytes()) {
+            Err(reason) => Some((event.seq, reason)),
+            Ok(info) if info.seq != event.seq || info.id != event.id => Some((
+                event.seq,
+                "the stored index disagrees with the event's seq or id".into(),
+            )),
+            Ok(info) => verifier.push_info(&info).err().map(|b| (b.seq, b.reason)),
+        };
+        if let Some((first_bad_seq, reason)) = broken {
+            return Ok(VerifyResult::Broken {
+                ok: false,
+                first_bad_seq,
+                reason,
+            });
+        }
+        last_event = Some(event);
+    }
+    if verifier.checked() < to_seq.saturating_sub(from_seq) + u64::from(to_seq > 0) {
+        return Ok(VerifyResult::Broken {
+            ok: false,
+            first_bad_seq: verifier.last().map_or(from_seq, |(s, _)| s + 1),
+            reason: "events are missing from the log".into(),
+        });
+    }
+    let head = match &last_event {
+        Some(e) => Head::of(e).map_err(ApiError::internal)?,
+        None => Head::EMPTY,
+    };
+    Ok(VerifyResult::Ok {
+        ok: true,
+        checked: verifier.checked(),
+        head: head_json(&head),
+    })
+}

@@ -1,0 +1,251 @@
+//! The canonical record and the hash chain: defined once, used by the writer, the
+//! server's `/v1/verify`, `cairn verify` and the tests.
+//!
+//! An event's served form is the RFC 8785 (JCS) serialization of the whole event.
+//! JCS sorts members, and every member name is ASCII, so the order is fixed:
+//!
+//! ```text
+//! {"data":…,"hash":"…","id":"…","prev_hash":"…","seq":N,"source":"…","timestamp":"…","type":"…"}
+//! ```
+//!
+//! The hashed record is that line without its `"hash":"…",` member, and
+//! `hash = SHA-256(0x00 ‖ record)` (the RFC 6962 leaf hash). Because `data` comes
+//! first and every other member is fixed-shape or an escaped string, the writer can
+//! assemble the line by concatenation around the JCS form of `data` (which the `canon-json`
+//! crate produces), and a verifier can find the top-level `hash` member as the *last*
+//! `,"hash":"` in the line: after it only `id`, `prev_hash`, `seq`, `source`, `timestamp`
+//! and `type` follow, and none of them can contain an unescaped quote. Tests check the
+//! assembled line against a full JCS serialization of the event.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use ulid::Ulid;
+
+/// `prev_hash` of the first event, and the head hash of an empty log.
+pub const ZERO_HASH: [u8; 32] = [0; 32];
+
+const HASH_MEMBER_START: &[u8] = b",\"hash\":\"";
+/// `,"hash":"` + 64 hex + `"`
+const HASH_MEMBER_LEN: usize = HASH_MEMBER_START.len() + 64 + 1;
+
+/// The parts of an event the writer knows before hashing it.
+pub struct RecordParts<'a> {
+    /// JCS form of `data`.
+    pub data_jcs: &'a str,
+    pub id: Ulid,
+    pub prev_hash: &'a [u8; 32],
+    pub seq: u64,
+    /// JCS form of `source` (a JSON string, quotes included), if present.
+    pub source_jcs: Option<&'a str>,
+    /// Canonical UTC timestamp text (no characters that JSON escapes).
+    pub timestamp: &'a str,
+    /// Event type (restricted to `[A-Za-z0-9._:/-]`, so never escaped).
+    pub event_type: &'a str,
+}
+
+/// Builds the served JCS line and its hash.
+pub fn seal(parts: &RecordParts<'_>) -> (String, [u8; 32]) {
+    let mut prefix = String::with_capacity(parts.data_jcs.len() + 10);
+    prefix.push_str("{\"data\":");
+    prefix.push_str(parts.data_jcs);
+    prefix.push(',');
+
+    let mut suffix = String::with_capacity(200);
+    suffix.push_str("\"id\":\"");
+    suffix.push_str(&parts.id.to_string());
+    suffix.push_str("\",\"prev_hash\":\"");
+    suffix.push_str(&hex::encode(parts.prev_hash));
+    suffix.push_str("\",\"seq\":");
+    suffix.push_str(itoa::Buffer::new().format(parts.seq));
+    if let Some(source) = parts.source_jcs {
+        suffix.push_str(",\"source\":");
+        suffix.push_str(source);
+    }
+    suffix.push_str(",\"timestamp\":\"");
+    suffix.push_str(parts.timestamp);
+    suffix.push_str("\",\"type\":\"");
+    suffix.push_str(parts.event_type);
+    suffix.push_str("\"}");
+
+    let hash = leaf_hash(&[prefix.as_bytes(), suffix.as_bytes()]);
+    let mut line = prefix;
+    line.reserve(HASH_MEMBER_LEN + suffix.len());
+    line.push_str("\"hash\":\"");
+    line.push_str(&hex::encode(hash));
+    line.push_str("\",");
+    line.push_str(&suffix);
+    (line, hash)
+}
+
+/// SHA-256(0x00 ‖ parts…): the RFC 6962 leaf hash of the concatenated record.
+pub fn leaf_hash(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// What a verifier needs from one served line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineInfo {
+    pub seq: u64,
+    pub id: Ulid,
+    pub prev_hash: [u8; 32],
+    /// The `hash` member as written in the line.
+    pub stated_hash: [u8; 32],
+    /// SHA-256(0x00 ‖ line without its hash member), recomputed.
+    pub computed_hash: [u8; 32],
+}
+
+#[derive(Deserialize)]
+struct ChainFields<'a> {
+    seq: u64,
+    id: &'a str,
+    prev_hash: &'a str,
+    hash: &'a str,
+}
+
+fn parse_hash(hex_text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex_text.len() != 64 || hex_text.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    hex::decode_to_slice(hex_text, &mut out).ok()?;
+    Some(out)
+}
+
+/// Parses one served line (full JSON validation) and recomputes its hash.
+pub fn inspect_line(line: &[u8]) -> Result<LineInfo, String> {
+    let fields: ChainFields<'_> =
+        serde_json::from_slice(line).map_err(|e| format!("not a cairn event: {e}"))?;
+    let stated_hash = parse_hash(fields.hash).ok_or("hash is not 64 lowercase hex digits")?;
+    let prev_hash =
+        parse_hash(fields.prev_hash).ok_or("prev_hash is not 64 lowercase hex digits")?;
+    let id = Ulid::from_string(fields.id).map_err(|_| "id is not a ULID")?;
+
+    let start = memchr::memmem::rfind(line, HASH_MEMBER_START)
+        .ok_or("no top-level hash member where JCS puts it")?;
+    let member = line
+        .get(start..start + HASH_MEMBER_LEN)
+        .ok_or("truncated hash member")?;
+    if &member[HASH_MEMBER_START.len()..HASH_MEMBER_START.len() + 64] != fields.hash.as_bytes()
+        || member[HASH_MEMBER_LEN - 1] != b'"'
+        || line.get(start + HASH_MEMBER_LEN) != Some(&b',')
+    {
+        return Err("the hash member is not where JCS puts it (line is not canonical)".into());
+    }
+    // Keep the comma before the member, drop the member and the comma after it.
+    let computed_hash = leaf_hash(&[&line[..start + 1], &line[start + HASH_MEMBER_LEN + 1..]]);
+    Ok(LineInfo {
+        seq: fields.seq,
+        id,
+        prev_hash,
+        stated_hash,
+        computed_hash,
+    })
+}
+
+/// The first place a chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("chain broken at seq {seq}: {reason}")]
+pub struct ChainBreak {
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// Re-derives a chain line by line. A partial chain (not starting at seq 1) is checked
+/// from its first event, whose `prev_hash` is taken on trust unless pinned.
+#[derive(Debug, Default)]
+pub struct Verifier {
+    last: Option<(u64, Ulid, [u8; 32])>,
+    expect_prev: Option<[u8; 32]>,
+    checked: u64,
+}
+
+impl Verifier {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pins the `prev_hash` the first event must have.
+    pub fn expect_prev(mut self, prev: [u8; 32]) -> Self {
+        self.expect_prev = Some(prev);
+        self
+    }
+
+    /// Continues after a known event (e.g. the event before `from_seq`).
+    pub fn after(seq: u64, id: Ulid, hash: [u8; 32]) -> Self {
+        Self {
+            last: Some((seq, id, hash)),
+            ..Self::default()
+        }
+    }
+
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+
+    /// `(seq, hash)` of the last event checked.
+    pub fn last(&self) -> Option<(u64, [u8; 32])> {
+        self.last.map(|(seq, _, hash)| (seq, hash))
+    }
+
+    /// Checks the next line; `position` (1-based) names the line when it cannot be parsed.
+    pub fn push(&mut self, line: &[u8]) -> Result<(), ChainBreak> {
+        let expected_seq = self.last.map(|(seq, _, _)| seq + 1);
+        let info = inspect_line(line).map_err(|reason| ChainBreak {
+            seq: expected_seq.unwrap_or(1),
+            reason,
+        })?;
+        self.push_info(&info)
+    }
+
+    /// Checks an already inspected line.
+    pub fn push_info(&mut self, info: &LineInfo) -> Result<(), ChainBreak> {
+        let broken = |reason: String| ChainBreak {
+            seq: info.seq,
+            reason,
+        };
+        match self.last {
+            Some((seq, id, hash)) => {
+                if info.seq != seq + 1 {
+                    return Err(ChainBreak {
+                        seq: seq + 1,
+                        reason: format!("expected seq {}, found seq {}", seq + 1, info.seq),
+                    });
+                }
+                if info.prev_hash != hash {
+                    return Err(broken(
+                        "prev_hash does not match the previous event's hash".into(),
+                    ));
+                }
+                if info.id <= id {
+                    return Err(broken("id does not increase".into()));
+                }
+            }
+            None => {
+                if let Some(prev) = self.expect_prev
+                    && info.prev_hash != prev
+                {
+                    return Err(broken(
+                        "prev_hash does not match the expected previous hash".into(),
+                    ));
+                }
+                if info.seq == 1 && info.prev_hash != ZERO_HASH {
+                    return Err(broken("the first event's prev_hash is not 64 zeros".into()));
+                }
+                if info.seq == 0 {
+                    return Err(broken("seq 0 is not a valid position".into()));
+                }
+            }
+        }
+        if info.computed_hash != info.stated_hash {
+            return Err(broken("hash does not match the event's content".into()));
+        }
+        self.last = Some((info.seq, info.id, info.stated_hash));
+        self.checked += 1;
+        Ok(())
+    }
+}

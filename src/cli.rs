@@ -1,0 +1,155 @@
+//! Every command and flag, in one place (clap). Each `serve` flag also reads a
+//! `CAIRN_*` environment variable; remote commands read `CAIRN_URL` and `CAIRN_TOKEN`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::writer::SyncMode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "A durable, hash-chained event log with gap-free streaming"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Append events: from flags, or NDJSON on stdin.
+    Append(AppendArgs),
+    /// Write events as NDJSON to stdout.
+    Export(ExportArgs),
+    /// Re-derive the hash chain of an export file, a server or a data directory.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory (created if missing).
+    #[arg(long, env = "CAIRN_DATA", default_value = "data")]
+    pub data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// fsync before acknowledging, or not (`none` can lose acknowledged events on power loss).
+    #[arg(long, env = "CAIRN_SYNC", value_enum, default_value = "fsync")]
+    pub sync: SyncMode,
+    /// Seconds of silence before a stream heartbeat.
+    #[arg(long, env = "CAIRN_HEARTBEAT", default_value_t = 15)]
+    pub heartbeat: u64,
+    /// Most open streams (SSE and WebSocket together).
+    #[arg(long, env = "CAIRN_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Seconds a stream client may leave data unread before it is disconnected.
+    #[arg(long, env = "CAIRN_WRITE_TIMEOUT", default_value_t = 30)]
+    pub write_timeout: u64,
+    /// Require tokens (`off` lets anyone who reaches the port read and append).
+    #[arg(long, env = "CAIRN_AUTH", value_enum, default_value = "on")]
+    pub auth: OnOff,
+    /// Checkpoint origin name (kept for life once chosen).
+    #[arg(long, env = "CAIRN_ORIGIN")]
+    pub origin: Option<String>,
+    /// Seconds between signed checkpoints while the log grows.
+    #[arg(long, env = "CAIRN_CHECKPOINT_INTERVAL", default_value_t = 1)]
+    pub checkpoint_interval: u64,
+    /// Most events in one ingest request.
+    #[arg(long, env = "CAIRN_MAX_EVENTS_PER_REQUEST", default_value_t = 10_000)]
+    pub max_events_per_request: usize,
+    /// Largest ingest body, in bytes.
+    #[arg(long, env = "CAIRN_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Where a remote command finds the server.
+#[derive(Debug, Args, Clone)]
+pub struct Remote {
+    /// Server URL.
+    #[arg(long, env = "CAIRN_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token (an `ingest` token to append, `read` to export).
+    #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AppendArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// Event type; without it, NDJSON events are read from stdin.
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    /// Event data (JSON).
+    #[arg(long, requires = "event_type")]
+    pub data: Option<String>,
+    /// Event source.
+    #[arg(long, requires = "event_type")]
+    pub source: Option<String>,
+    /// When the event happened (RFC 3339); default: ingest time.
+    #[arg(long, requires = "event_type")]
+    pub timestamp: Option<String>,
+    /// Most events per request when reading stdin.
+    #[arg(long, default_value_t = 10_000)]
+    pub batch: usize,
+}
+
+/// `since`/`until`/`types`/`source`, as for the HTTP API.
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
+    /// ULID, RFC 3339 time or `earliest`.
+    #[arg(long, default_value = "earliest")]
+    pub since: String,
+    /// ULID or RFC 3339 time (exclusive).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Comma list of types and `prefix*` patterns.
+    #[arg(long)]
+    pub types: Option<String>,
+    /// Exact source.
+    #[arg(long)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["file", "url", "data"])))]
+pub struct VerifyArgs {
+    /// An NDJSON export ("-" for stdin).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// A running server (reads its export).
+    #[arg(long, env = "CAIRN_URL")]
+    pub url: Option<String>,
+    /// A data directory (the server must be stopped).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Bearer token for --url.
+    #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The hash the first event's prev_hash must equal (pins a partial export's start).
+    #[arg(long)]
+    pub expect_prev: Option<String>,
+    /// The hash the last event must have (pins the end).
+    #[arg(long)]
+    pub expect_head: Option<String>,
+}

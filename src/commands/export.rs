@@ -1,0 +1,49 @@
+//! `cairn export`: the server's `/v1/export`, streamed to stdout.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+use super::Progress;
+use crate::cli::{ExportArgs, FilterArgs};
+use crate::client::Client;
+
+/// `?since=…&until=…&types=…&source=…` for the API.
+pub fn filter_query(f: &FilterArgs) -> String {
+    let mut pairs = vec![("since", f.since.as_str())];
+    for (name, value) in [
+        ("until", &f.until),
+        ("types", &f.types),
+        ("source", &f.source),
+    ] {
+        if let Some(v) = value {
+            pairs.push((name, v.as_str()));
+        }
+    }
+    serde_urlencoded::to_string(pairs).unwrap_or_default()
+}
+
+pub fn run(args: &ExportArgs) -> Result<ExitCode, String> {
+    let client = Client::new(&args.remote.url, args.remote.token.clone())?;
+    let mut response = client.get(&format!("/v1/export?{}", filter_query(&args.filter)))?;
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
+    let mut progress = Progress::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut lines = 0u64;
+    loop {
+        let n = response
+            .read(&mut buf)
+            .map_err(|e| format!("the export stream broke off after {lines} events: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        lines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("cannot write stdout: {e}"))?;
+        progress.tick(|| format!("exported {lines} events"));
+    }
+    out.flush()
+        .map_err(|e| format!("cannot write stdout: {e}"))?;
+    progress.finish();
+    eprintln!("exported {lines} events");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,365 @@
+//! Events: what producers send, what the log stores, and the rules between them
+//! (SPEC §1).
+//!
+//! [`parse_request`] turns an ingest body (JSON object, `{"events":[…]}` or NDJSON) into
+//! [`NewEvent`]s, or into the complete list of problems, each with its event index and
+//! field. A `NewEvent` already holds the canonical (JCS) form of its `data`, so the
+//! single writer only concatenates and hashes (see `chain`). The work that costs
+//! CPU happens here, in parallel on the request tasks.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use ulid::Ulid;
+
+use crate::ijson::{self, PathSeg};
+use crate::rfc3339;
+
+/// An event as stored and served. `line` is the JCS form of the whole event (the bytes
+/// every API emits); the other fields are kept beside it so that filters and cursors
+/// never parse JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: Ulid,
+    pub seq: u64,
+    pub event_type: String,
+    pub source: Option<String>,
+    pub line: String,
+}
+
+/// A validated event waiting for the writer to give it an id, a seq and a hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event_type: String,
+    /// JCS form of `source` (a JSON string), if present.
+    pub source_jcs: Option<String>,
+    pub source: Option<String>,
+    /// Canonical UTC text; `None` means "use the ingest time".
+    pub timestamp: Option<String>,
+    /// JCS form of `data`.
+    pub data_jcs: String,
+}
+
+/// One problem in an ingest request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// 0-based position of the event in the request; absent for request-level problems.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl Problem {
+    fn at(index: usize, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            index: Some(index),
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why an ingest body was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequestError {
+    /// Not JSON: one message naming line and column.
+    Syntax(String),
+    /// Well-formed, but events (or the envelope) break the rules.
+    Invalid(Vec<Problem>),
+    /// More events than one request may hold.
+    TooMany { count: usize, max: usize },
+}
+
+/// Body formats accepted by `POST /v1/events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    Ndjson,
+}
+
+const RESERVED_TYPES: [&str; 3] = ["connected", "open", "error"];
+const MAX_TYPE_LEN: usize = 128;
+const MAX_SOURCE_CHARS: usize = 256;
+
+/// Checks an event type against `^[A-Za-z0-9._:/-]{1,128}$` and the reserved names.
+pub fn check_type(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > MAX_TYPE_LEN {
+        return Err(format!("must be 1–{MAX_TYPE_LEN} characters"));
+    }
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
+    {
+        return Err("may contain only A–Z, a–z, 0–9 and . _ : / -".into());
+    }
+    if RESERVED_TYPES.contains(&t) {
+        return Err(format!("\"{t}\" is reserved for stream control frames"));
+    }
+    Ok(())
+}
+
+/// Parses a whole ingest body. `max_events` is the per-request limit.
+pub fn parse_request(
+    body: &[u8],
+    format: BodyFormat,
+    max_events: usize,
+) -> Result<Vec<NewEvent>, RequestError> {
+    match format {
+        BodyFormat::Json => parse_json_body(body, max_events),
+        BodyFormat::Ndjson => parse_ndjson_body(body, max_events),
+    }
+}
+
+fn parse_json_body(body: &[u8], max_events: usize) -> Result<Vec<NewEvent>, RequestError> {
+    let parsed = ijson::parse(body).map_err(|e| RequestError::Syntax(e.to_string()))?;
+    let violations: Vec<Problem> = parsed
+        .violations
+        .into_iter()
+        .map(envelope_violation)
+        .collect();
+    let Value::Object(mut object) = parsed.value else {
+        return Err(RequestError::Invalid(vec![Problem {
+            index: None,
+            field: None,
+            message: "body must be an event object or {\"events\": [...]}".into(),
+        }]));
+    };
+    let items = match object.remove("events") {
+        None => vec![Value::Object(object)],
+        Some(Value::Array(items)) => {
+            if let Some(extra) = object.keys().next() {
+                return Err(RequestError::Invalid(vec![Problem {
+                    index: None,
+                    field: Some(extra.clone()),
+                    message: "unknown member beside \"events\"".into(),
+                }]));
+            }
+            items
+        }
+        Some(_) => {
+            return Err(RequestError::Invalid(vec![Problem {
+                index: None,
+                field: Some("events".into()),
+                message: "must be an array of event objects".into(),
+            }]));
+        }
+    };
+    if items.len() > max_events {
+        return Err(RequestError::TooMany {
+            count: items.len(),
+            max: max_events,
+        });
+    }
+    validate_all(items, violations)
+}
+
+/// Maps a violation found while parsing the whole body (path `events[i].data.x` or
+/// `data.x` for a single object) to a problem with an index and a field.
+fn envelope_violation(v: ijson::Violation) -> Problem {
+    let (index, rest) = match v.path.as_slice() {
+        [PathSeg::Key(k), PathSeg::Index(i), rest @ ..] if k == "events" => (Some(*i), rest),
+        rest => (Some(0), rest),
+    };
+    Problem {
+        index,
+        field: Some(ijson::render_path(rest)).filter(|f| !f.is_empty()),
+        message: v.message,
+    }
+}
+
+fn parse_ndjson_body(body: &[u8], max_events: usize) -> Result<Vec<NewEvent>, RequestError> {
+    let lines: Vec<(usize, &[u8])> = body
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, line)| (i + 1, line.strip_suffix(b"\r").unwrap_or(line)))
+        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+        .collect();
+    if lines.len() > max_events {
+        return Err(RequestError::TooMany {
+            count: lines.len(),
+            max: max_events,
+        });
+    }
+    // Each line is its own document, so a syntax error on one line does not hide the
+    // problems of the others: all are listed.
+    let mut events = Vec::with_capacity(lines.len());
+    let mut problems = Vec::new();
+    for (index, (line_no, line)) in lines.into_iter().enumerate() {
+        let problem = |field: Option<String>, message: String| Problem {
+            index: Some(index),
+            field,
+            message: format!("line {line_no}: {message}"),
+        };
+        let parsed = match ijson::parse(line) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                problems.push(problem(
+                    None,
+                    format!("invalid JSON at column {}: {}", e.column, e.message),
+                ));
+                continue;
+            }
+        };
+        problems.extend(parsed.violations.into_iter().map(|v| {
+            problem(
+                Some(ijson::render_path(&v.path)).filter(|f| !f.is_empty()),
+                v.message,
+            )
+        }));
+        match validate_event(index, parsed.value) {
+            Ok(event) => events.push(event),
+            Err(found) => problems.extend(found.into_iter().map(|p| problem(p.field, p.message))),
+        }
+    }
+    finish(events, problems)
+}
+
+/// Validates every event; `problems` already holds what parsing found.
+fn validate_all(
+    items: Vec<Value>,
+    mut problems: Vec<Problem>,
+) -> Result<Vec<NewEvent>, RequestError> {
+    let mut events = Vec::with_capacity(items.len());
+    for (index, value) in items.into_iter().enumerate() {
+        match validate_event(index, value) {
+            Ok(e) => events.push(e),
+            Err(p) => problems.extend(p),
+        }
+    }
+    finish(events, problems)
+}
+
+fn finish(
+    events: Vec<NewEvent>,
+    mut problems: Vec<Problem>,
+) -> Result<Vec<NewEvent>, RequestError> {
+    if !problems.is_empty() {
+        problems.sort_by_key(|p| p.index);
+        Err(RequestError::Invalid(problems))
+    } else if events.is_empty() {
+        Err(RequestError::Invalid(vec![Problem {
+            index: None,
+            field: None,
+            message: "the request holds no event".into(),
+        }]))
+    } else {
+        Ok(events)
+    }
+}
+
+/// Validates one event object; returns every problem it has.
+pub fn validate_event(index: usize, value: Value) -> Result<NewEvent, Vec<Problem>> {
+    let Value::Object(mut object) = value else {
+        return Err(vec![Problem {
+            index: Some(index),
+            field: None,
+            message: "an event must be a JSON object".into(),
+        }]);
+    };
+    let mut problems = Vec::new();
+
+    let event_type = match object.remove("type") {
+        Some(Value::String(t)) => match check_type(&t) {
+            Ok(()) => Some(t),
+            Err(m) => {
+                problems.push(Problem::at(index, "type", m));
+                None
+            }
+        },
+        None | Some(Value::Null) => {
+            problems.push(Problem::at(index, "type", "required"));
+            None
+        }
+        Some(_) => {
+            problems.push(Problem::at(index, "type", "must be a string"));
+            None
+        }
+    };
+
+    let timestamp = match object.remove("timestamp") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => match rfc3339::parse(&t) {
+            Ok(ts) => Some(ts.text),
+            Err(m) => {
+                problems.push(Problem::at(index, "timestamp", m));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(Problem::at(
+                index,
+                "timestamp",
+                "must be an RFC 3339 string",
+            ));
+            None
+        }
+    };
+
+    let source = match object.remove("source") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => match check_source(&s) {
+            Ok(()) => Some(s),
+            Err(m) => {
+                problems.push(Problem::at(index, "source", m));
+                None
+            }
+        },
+        Some(_) => {
+            problems.push(Problem::at(index, "source", "must be a string"));
+            None
+        }
+    };
+
+    let data = object
+        .remove("data")
+        .unwrap_or_else(|| Value::Object(Map::new()));
+
+    for unknown in object.keys() {
+        problems.push(Problem::at(
+            index,
+            unknown.clone(),
+            "unknown member (allowed: type, timestamp, source, data)",
+        ));
+    }
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (Some(event_type), data_jcs) = (event_type, jcs(&data)) else {
+        return Err(vec![Problem::at(index, "type", "required")]);
+    };
+    let source_jcs = source.as_ref().map(|s| jcs(&Value::String(s.clone())));
+    Ok(NewEvent {
+        event_type,
+        source_jcs,
+        source,
+        timestamp,
+        data_jcs,
+    })
+}
+
+fn check_source(s: &str) -> Result<(), String> {
+    let chars = s.chars().count();
+    if chars == 0 || chars > MAX_SOURCE_CHARS {
+        return Err(format!("must be 1–{MAX_SOURCE_CHARS} characters"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// RFC 8785 canonical form of a parsed (already I-JSON-checked) value.
+pub fn jcs(value: &Value) -> String {
+    let mut out = Vec::with_capacity(256);
+    let mut ser =
+        serde_json::Serializer::with_formatter(&mut out, canon_json::CanonicalFormatter::new());
+    // Serializing a Value into memory cannot fail: keys are strings and numbers finite.
+    if value.serialize(&mut ser).is_err() {
+        out.clear();
+        out.extend_from_slice(b"null");
+    }
+    // canon-json writes valid UTF-8 (it re-serializes keys from UTF-16 it built itself).
+    String::from_utf8(out).unwrap_or_default()
+}

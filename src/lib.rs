@@ -1,0 +1,47 @@
+//! cairn: a durable, hash-chained event log that streams without gaps.
+//!
+//! # The data path
+//!
+//! ```text
+//! POST /v1/events ─► api::ingest ─► event::parse_request ─► writer (queue)
+//!                     (validate, JCS of data, in parallel)        │
+//!   writer thread: ids, seq, chain::seal (hash), chunks ─► store::apply (sled batch)
+//!   syncer thread: store::sync (one fsync per group) ─► acknowledge ─► broadcast
+//!
+//! GET /v1/events, /v1/export, /v1/verify ─► api::read ─► store scans (≤ committed head)
+//! ```
+//!
+//! Start at [`writer`] (who appends, and when an event counts as committed), then
+//! [`store`] (the sled layout, behind a narrow interface), then [`chain`] (the one
+//! definition of the hash). [`api`] is the HTTP layer; it never touches sled.
+//! [`cli`] defines every command; [`commands`] runs the client-side ones.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`event`] | what producers send and the rules it must follow (SPEC §1) |
+//! | [`ijson`] | strict JSON: duplicate keys, unsafe integers |
+//! | [`rfc3339`] | timestamps kept exactly as given, normalised to UTC |
+//! | [`chain`] | canonical record, hash, chain verification |
+//! | [`store`] | sled layout, data-directory lock, committed head |
+//! | [`writer`] | single writer, group commit, broadcast |
+//! | [`cursor`] | `since`/`until`/`types`/`source` |
+//! | [`auth`] | tokens and roles |
+//! | [`api`] | axum routes and the error body |
+//! | [`server`] | `cairn serve`: start-up checks, serving, draining |
+//! | [`shutdown`] | SIGTERM/SIGINT |
+//! | [`client`] | the HTTP client remote commands share |
+
+pub mod api;
+pub mod auth;
+pub mod chain;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod cursor;
+pub mod event;
+pub mod ijson;
+pub mod rfc3339;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+pub mod writer;

@@ -1,0 +1,55 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cairn::cli::{Cli, Command, OnOff};
+use cairn::commands;
+use cairn::server::{self, ServeOptions};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Append(args) => commands::append::run(&args),
+        Command::Export(args) => commands::export::run(&args),
+        Command::Verify(args) => commands::verify::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("cairn: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let opts = ServeOptions {
+        data: args.data,
+        listen: args.listen,
+        sync: args.sync,
+        auth: args.auth == OnOff::On,
+        max_events_per_request: args.max_events_per_request,
+        max_body_bytes: args.max_body_bytes,
+    };
+    runtime
+        .block_on(server::run(opts))
+        .map(|()| ExitCode::SUCCESS)
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,144 @@
+//! `cairn serve`: open the data directory, check the chain, start the writer, serve
+//! HTTP until a signal, then drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use crate::api::{self, ApiConfig, AppState};
+use crate::auth::Tokens;
+use crate::chain::Verifier;
+use crate::store::{DataDir, Store};
+use crate::writer::{SyncMode, Writer};
+
+/// How many of the newest events are re-hashed at every start.
+const STARTUP_CHECK_EVENTS: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    pub sync: SyncMode,
+    pub auth: bool,
+    pub max_events_per_request: usize,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error(
+        "refusing to start: the log in {dir} is broken at seq {seq}: {reason}. \
+         Nothing was changed; inspect it with `cairn verify --data {dir}`"
+    )]
+    ChainBroken {
+        dir: String,
+        seq: u64,
+        reason: String,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Re-derives the chain of the newest events; a break means the data was altered or
+/// damaged outside cairn, and serving (or appending to) it would hide that.
+pub fn check_tail(store: &Store, dir: &std::path::Path) -> Result<(), ServeError> {
+    let broken = |seq, reason| ServeError::ChainBroken {
+        dir: dir.display().to_string(),
+        seq,
+        reason,
+    };
+    let tail = store.tail(STARTUP_CHECK_EVENTS)?;
+    let mut verifier = Verifier::new();
+    for event in &tail {
+        let info =
+            crate::chain::inspect_line(event.line.as_bytes()).map_err(|r| broken(event.seq, r))?;
+        if info.seq != event.seq || info.id != event.id {
+            return Err(broken(
+                event.seq,
+                "the stored index disagrees with the event".into(),
+            ));
+        }
+        verifier
+            .push_info(&info)
+            .map_err(|b| broken(b.seq, b.reason))?;
+    }
+    let head = store.head();
+    if tail.last().map_or(0, |e| e.seq) != head.seq {
+        return Err(broken(head.seq, "the newest events are missing".into()));
+    }
+    Ok(())
+}
+
+pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    let dir = DataDir::lock(&opts.data)?;
+    let store = Arc::new(Store::open(dir)?);
+    check_tail(&store, &opts.data)?;
+    let head = store.head();
+    tracing::info!(seq = head.seq, data = %opts.data.display(), "log opened and chain tail verified");
+
+    let tokens = Arc::new(Tokens::load(store.clone())?);
+    if opts.auth {
+        if tokens.is_empty() {
+            let path = opts.data.join("admin.token");
+            tokens.create_admin_file(&path)?;
+            tracing::info!(path = %path.display(), "created the first admin token");
+        }
+    } else {
+        tracing::warn!(
+            "authentication is OFF (--auth off): anyone who can reach the port can read and append"
+        );
+    }
+    if opts.sync == SyncMode::None {
+        tracing::warn!(
+            "--sync none: acknowledged events may be lost on power loss or a kernel crash"
+        );
+    }
+
+    let (writer, writer_threads) = Writer::start(store.clone(), opts.sync)?;
+    let state = AppState {
+        store: store.clone(),
+        writer,
+        tokens,
+        config: Arc::new(ApiConfig {
+            auth: opts.auth,
+            max_events_per_request: opts.max_events_per_request,
+            max_body_bytes: opts.max_body_bytes,
+        }),
+        open_streams: Arc::new(AtomicUsize::new(0)),
+    };
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "listening");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(crate::shutdown::signal())
+        .await?;
+
+    // The router (and every Writer handle in it) is gone: the writer drains its queue.
+    let joined = tokio::task::spawn_blocking(move || writer_threads.join()).await;
+    if joined.is_err() {
+        tracing::error!("the writer thread panicked during shutdown");
+    }
+    if let Err(e) = store.sync() {
+        tracing::error!(error = %e, "final sync failed");
+    }
+    tracing::info!(
+        seq = store.head().seq,
+        "stopped; all acknowledged events are on disk"
+    );
+    Ok(())
+}

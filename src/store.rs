@@ -1,0 +1,637 @@
+//! The log on disk: the only code that knows sled.
+//!
+//! # Layout
+//!
+//! One sled tree, `log`, holds everything a group commit writes, so that a single
+//! atomic `apply_batch` covers it:
+//!
+//! | key | value |
+//! |---|---|
+//! | `e` ‖ first ULID (16 B, big-endian) | a *chunk*: up to [`CHUNK_EVENTS`] consecutive events (bincode) |
+//! | `s` ‖ first seq (8 B, big-endian) | the chunk's ULID (the seq index) |
+//! | `i` ‖ token id ‖ `0x00` ‖ key | an idempotency record |
+//!
+//! Why chunks: a sled insert costs ~13 µs, so one key per event caps ingest near
+//! 70k events/s; one key per group commit lifts that cap. Chunks stay small (≤ 64
+//! events, ~32 KB) because sled rewrites whole leaves (≤ 16 entries) when it
+//! consolidates them, and because values above a quarter segment become blob files that
+//! sled never fsyncs. ULIDs increase with seq, so "the chunk holding id X" is the last
+//! chunk key ≤ X, and "the chunk holding seq N" is the last seq-index key ≤ N: both
+//! O(log n) lookups.
+//!
+//! Durability: sled's `flush` on Linux ends with `sync_file_range`, which does not
+//! flush the device's write cache, so [`Store::sync`] follows it with `fdatasync` on
+//! sled's log file.
+//!
+//! Readers never see past the *committed* head, the newest event known to be durable
+//! (set by the writer after each sync), so a query cannot return an event a crash
+//! could take back.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+use crate::chain::{self, ZERO_HASH};
+use crate::event::Event;
+
+/// Most events in one stored chunk.
+pub const CHUNK_EVENTS: usize = 64;
+/// A chunk is closed early once its lines reach this many bytes.
+pub const CHUNK_BYTES: usize = 48 * 1024;
+
+const EVENT_PREFIX: u8 = b'e';
+const SEQ_PREFIX: u8 = b's';
+const IDEMPOTENCY_PREFIX: u8 = b'i';
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the data directory {0} is in use by another cairn process; stop it, or use --url to talk to the running server"
+    )]
+    Locked(PathBuf),
+    #[error("corrupt record in the log: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The newest event of a log (or the empty log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub id: Option<Ulid>,
+    pub hash: [u8; 32],
+    pub timestamp: Option<String>,
+}
+
+impl Head {
+    pub const EMPTY: Head = Head {
+        seq: 0,
+        id: None,
+        hash: ZERO_HASH,
+        timestamp: None,
+    };
+
+    /// The head after `event`, whose line holds its hash and timestamp.
+    pub fn of(event: &Event) -> Result<Head> {
+        let info = chain::inspect_line(event.line.as_bytes()).map_err(StoreError::Corrupt)?;
+        let timestamp = serde_json::from_str::<TimestampOnly>(&event.line)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            .timestamp;
+        Ok(Head {
+            seq: event.seq,
+            id: Some(event.id),
+            hash: info.stated_hash,
+            timestamp: Some(timestamp),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct TimestampOnly {
+    timestamp: String,
+}
+
+/// What an `Idempotency-Key` produced the first time it was used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub body_hash: [u8; 32],
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub created_unix_ms: u64,
+}
+
+/// Exclusive access to a data directory, held for the life of the process.
+#[derive(Debug)]
+pub struct DataDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates the directory if needed and locks it.
+    pub fn lock(path: &Path) -> Result<DataDir> {
+        let io = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(io)?;
+        let lock_path = path.join("cairn.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(path.to_path_buf()));
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
+        Ok(DataDir {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// On-disk form of one event inside a chunk.
+#[derive(Serialize, Deserialize)]
+struct StoredEvent<'a> {
+    id: u128,
+    seq: u64,
+    #[serde(borrow)]
+    event_type: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    source: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    line: std::borrow::Cow<'a, str>,
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+fn encode_chunk(events: &[Event]) -> Vec<u8> {
+    let stored: Vec<StoredEvent<'_>> = events
+        .iter()
+        .map(|e| StoredEvent {
+            id: e.id.0,
+            seq: e.seq,
+            event_type: e.event_type.as_str().into(),
+            source: e.source.as_deref().map(Into::into),
+            line: e.line.as_str().into(),
+        })
+        .collect();
+    // Encoding plain structs into a Vec cannot fail.
+    bincode::serde::encode_to_vec(&stored, bincode_config()).unwrap_or_default()
+}
+
+fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
+    let (stored, _): (Vec<StoredEvent<'_>>, usize) =
+        bincode::serde::borrow_decode_from_slice(bytes, bincode_config())
+            .map_err(|e| StoreError::Corrupt(format!("chunk does not decode: {e}")))?;
+    Ok(stored
+        .into_iter()
+        .map(|s| Event {
+            id: Ulid(s.id),
+            seq: s.seq,
+            event_type: s.event_type.into_owned(),
+            source: s.source.map(|c| c.into_owned()),
+            line: s.line.into_owned(),
+        })
+        .collect())
+}
+
+fn event_key(id: Ulid) -> [u8; 17] {
+    let mut k = [EVENT_PREFIX; 17];
+    k[1..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+fn seq_key(seq: u64) -> [u8; 9] {
+    let mut k = [SEQ_PREFIX; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn idempotency_key(token_id: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + token_id.len() + key.len());
+    k.push(IDEMPOTENCY_PREFIX);
+    k.extend_from_slice(token_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn ulid_from_key(key: &[u8]) -> Result<Ulid> {
+    let bytes: [u8; 16] = key
+        .get(1..17)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt("malformed chunk key".into()))?;
+    Ok(Ulid(u128::from_be_bytes(bytes)))
+}
+
+/// Everything one group commit writes, applied atomically.
+#[derive(Default)]
+pub struct CommitBatch {
+    batch: sled::Batch,
+}
+
+impl CommitBatch {
+    /// Adds one chunk of consecutive events (non-empty, in log order).
+    pub fn add_chunk(&mut self, events: &[Event]) {
+        if let Some(first) = events.first() {
+            self.batch
+                .insert(&event_key(first.id)[..], encode_chunk(events));
+            self.batch
+                .insert(&seq_key(first.seq)[..], &first.id.0.to_be_bytes()[..]);
+        }
+    }
+
+    pub fn add_idempotency(&mut self, token_id: &str, key: &str, record: &IdempotencyRecord) {
+        let value = bincode::serde::encode_to_vec(record, bincode_config()).unwrap_or_default();
+        self.batch.insert(idempotency_key(token_id, key), value);
+    }
+
+    pub fn remove_idempotency(&mut self, raw_key: Vec<u8>) {
+        self.batch.remove(raw_key);
+    }
+}
+
+pub struct Store {
+    db: sled::Db,
+    log: sled::Tree,
+    tokens: sled::Tree,
+    /// sled's log file, for the `fdatasync` sled's own flush leaves out.
+    log_file: File,
+    committed: RwLock<Head>,
+    chunk_cache: quick_cache::sync::Cache<u128, Arc<Vec<Event>>>,
+    _dir: DataDir,
+}
+
+/// Sled's page cache; the rest of the process stays small beside it.
+const SLED_CACHE_BYTES: u64 = 32 << 20;
+/// Decoded chunks kept for point lookups (`/v1/events/{id}`, paging).
+const CHUNK_CACHE_ENTRIES: usize = 256;
+
+impl Store {
+    /// Opens (or creates) the log in a locked data directory and loads its head.
+    pub fn open(dir: DataDir) -> Result<Store> {
+        let db_path = dir.path().join("log");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
+        let log = db.open_tree("log")?;
+        let tokens = db.open_tree("tokens")?;
+        let log_file_path = db_path.join("db");
+        let log_file = File::open(&log_file_path).map_err(|source| StoreError::Io {
+            path: log_file_path,
+            source,
+        })?;
+        let store = Store {
+            db,
+            log,
+            tokens,
+            log_file,
+            committed: RwLock::new(Head::EMPTY),
+            chunk_cache: quick_cache::sync::Cache::new(CHUNK_CACHE_ENTRIES),
+            _dir: dir,
+        };
+        let head = match store.last_chunk()? {
+            Some(chunk) => match chunk.last() {
+                Some(last) => Head::of(last)?,
+                None => return Err(StoreError::Corrupt("empty chunk".into())),
+            },
+            None => Head::EMPTY,
+        };
+        store.set_committed(head);
+        Ok(store)
+    }
+
+    /// The newest durable event.
+    pub fn head(&self) -> Head {
+        self.committed
+            .read()
+            .map(|h| h.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Called by the writer once events up to `head` are durable.
+    pub fn set_committed(&self, head: Head) {
+        match self.committed.write() {
+            Ok(mut h) => *h = head,
+            Err(poisoned) => *poisoned.into_inner() = head,
+        }
+    }
+
+    /// Writes a group commit (not yet durable: see [`Store::sync`]).
+    pub fn apply(&self, batch: CommitBatch) -> Result<()> {
+        self.log.apply_batch(batch.batch)?;
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush()?;
+        self.log_file.sync_data().map_err(|source| StoreError::Io {
+            path: PathBuf::from("log/db"),
+            source,
+        })
+    }
+
+    /// Bytes sled occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn last_chunk(&self) -> Result<Option<Vec<Event>>> {
+        match self
+            .log
+            .range(&event_key(Ulid(0))[..]..=&event_key(Ulid(u128::MAX))[..])
+            .next_back()
+        {
+            Some(kv) => Ok(Some(decode_chunk(&kv?.1)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn chunk(&self, key: &[u8]) -> Result<Option<Arc<Vec<Event>>>> {
+        let first = ulid_from_key(key)?.0;
+        if let Some(chunk) = self.chunk_cache.get(&first) {
+            return Ok(Some(chunk));
+        }
+        match self.log.get(key)? {
+            Some(bytes) => {
+                let chunk = Arc::new(decode_chunk(&bytes)?);
+                self.chunk_cache.insert(first, chunk.clone());
+                Ok(Some(chunk))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Key of the chunk that holds `id` if any chunk does (the last chunk key ≤ id).
+    fn chunk_key_at_or_before(&self, id: Ulid) -> Result<Option<sled::IVec>> {
+        match self
+            .log
+            .range(&event_key(Ulid(0))[..]..=&event_key(id)[..])
+            .next_back()
+        {
+            Some(kv) => Ok(Some(kv?.0)),
+            None => Ok(None),
+        }
+    }
+
+    /// The committed event with this id.
+    pub fn get(&self, id: Ulid) -> Result<Option<Event>> {
+        let head_seq = self.head().seq;
+        let Some(key) = self.chunk_key_at_or_before(id)? else {
+            return Ok(None);
+        };
+        let Some(chunk) = self.chunk(&key)? else {
+            return Ok(None);
+        };
+        Ok(chunk
+            .binary_search_by(|e| e.id.cmp(&id))
+            .ok()
+            .map(|i| chunk[i].clone())
+            .filter(|e| e.seq <= head_seq))
+    }
+
+    /// The committed event at position `seq` (1-based).
+    pub fn get_by_seq(&self, seq: u64) -> Result<Option<Event>> {
+        if seq == 0 || seq > self.head().seq {
+            return Ok(None);
+        }
+        let Some(chunk_id) = self.chunk_id_for_seq(seq)? else {
+            return Ok(None);
+        };
+        let Some(chunk) = self.chunk(&event_key(chunk_id))? else {
+            return Err(StoreError::Corrupt(format!(
+                "seq index points to a missing chunk for seq {seq}"
+            )));
+        };
+        let first = chunk.first().map_or(0, |e| e.seq);
+        Ok(seq
+            .checked_sub(first)
+            .and_then(|i| chunk.get(i as usize))
+            .cloned())
+    }
+
+    fn chunk_id_for_seq(&self, seq: u64) -> Result<Option<Ulid>> {
+        match self
+            .log
+            .range(&seq_key(0)[..]..=&seq_key(seq)[..])
+            .next_back()
+        {
+            Some(kv) => {
+                let (_, v) = kv?;
+                let bytes: [u8; 16] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("malformed seq index entry".into()))?;
+                Ok(Some(Ulid(u128::from_be_bytes(bytes))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Committed events with `id > after`, oldest first, up to the head at call time.
+    pub fn scan_after(&self, after: Ulid) -> Result<Scan> {
+        let start = self
+            .chunk_key_at_or_before(after)?
+            .map_or_else(|| event_key(Ulid(0)).to_vec(), |k| k.to_vec());
+        Ok(Scan::new(
+            self,
+            start,
+            self.head().seq,
+            ScanFrom::After(after),
+        ))
+    }
+
+    /// Committed events with `seq >= from_seq`, oldest first, up to the head at call time.
+    pub fn scan_from_seq(&self, from_seq: u64) -> Result<Scan> {
+        let start = self
+            .chunk_id_for_seq(from_seq.max(1))?
+            .map_or_else(|| event_key(Ulid(0)).to_vec(), |id| event_key(id).to_vec());
+        Ok(Scan::new(
+            self,
+            start,
+            self.head().seq,
+            ScanFrom::Seq(from_seq),
+        ))
+    }
+
+    /// Committed events with `id < before`, newest first.
+    pub fn scan_before(&self, before: Ulid) -> Result<ScanBack> {
+        let head_seq = self.head().seq;
+        let iter = self
+            .log
+            .range(&event_key(Ulid(0))[..]..&event_key(before)[..]);
+        // The chunk starting at or after `before` holds only ids ≥ before; the one
+        // before it may straddle, which the per-event filter handles.
+        Ok(ScanBack {
+            iter,
+            current: Vec::new(),
+            before,
+            head_seq,
+        })
+    }
+
+    /// The newest `n` committed events, oldest first (for the start-up chain check).
+    pub fn tail(&self, n: usize) -> Result<Vec<Event>> {
+        let head = self.head().seq;
+        let from = head.saturating_sub(n as u64) + 1;
+        self.scan_from_seq(from)?.collect()
+    }
+
+    pub fn idempotency(&self, token_id: &str, key: &str) -> Result<Option<IdempotencyRecord>> {
+        match self.log.get(idempotency_key(token_id, key))? {
+            Some(v) => bincode::serde::decode_from_slice(&v, bincode_config())
+                .map(|(r, _)| Some(r))
+                .map_err(|e| StoreError::Corrupt(format!("idempotency record: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Raw keys of idempotency records created before `cutoff_unix_ms`.
+    pub fn expired_idempotency_keys(&self, cutoff_unix_ms: u64) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for kv in self.log.scan_prefix([IDEMPOTENCY_PREFIX]) {
+            let (k, v) = kv?;
+            if let Ok((r, _)) =
+                bincode::serde::decode_from_slice::<IdempotencyRecord, _>(&v, bincode_config())
+                && r.created_unix_ms < cutoff_unix_ms
+            {
+                out.push(k.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// All stored tokens' raw records.
+    pub fn token_records(&self) -> Result<Vec<Vec<u8>>> {
+        self.tokens
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect()
+    }
+
+    /// Stores a token record and makes it durable before returning.
+    pub fn put_token_record(&self, id: &str, record: &[u8]) -> Result<()> {
+        self.tokens.insert(id.as_bytes(), record)?;
+        self.sync()
+    }
+
+    pub fn remove_token_record(&self, id: &str) -> Result<bool> {
+        let existed = self.tokens.remove(id.as_bytes())?.is_some();
+        self.sync()?;
+        Ok(existed)
+    }
+}
+
+enum ScanFrom {
+    After(Ulid),
+    Seq(u64),
+}
+
+/// Forward iterator over committed events; reads one chunk at a time.
+pub struct Scan {
+    iter: sled::Iter,
+    current: std::vec::IntoIter<Event>,
+    from: ScanFrom,
+    head_seq: u64,
+    done: bool,
+}
+
+impl Scan {
+    fn new(store: &Store, start: Vec<u8>, head_seq: u64, from: ScanFrom) -> Scan {
+        let end = event_key(Ulid(u128::MAX));
+        Scan {
+            iter: store.log.range(start..=end.to_vec()),
+            current: Vec::new().into_iter(),
+            from,
+            head_seq,
+            done: false,
+        }
+    }
+
+    /// The seq the scan stops after (the committed head when it was created).
+    pub fn head_seq(&self) -> u64 {
+        self.head_seq
+    }
+}
+
+impl Iterator for Scan {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.done {
+                return None;
+            }
+            for event in self.current.by_ref() {
+                if event.seq > self.head_seq {
+                    self.done = true;
+                    return None;
+                }
+                let wanted = match self.from {
+                    ScanFrom::After(after) => event.id > after,
+                    ScanFrom::Seq(seq) => event.seq >= seq,
+                };
+                if wanted {
+                    return Some(Ok(event));
+                }
+            }
+            match self.iter.next()? {
+                Ok((_, bytes)) => match decode_chunk(&bytes) {
+                    Ok(chunk) => self.current = chunk.into_iter(),
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                },
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e.into()));
+                }
+            }
+        }
+    }
+}
+
+/// Backward iterator over committed events.
+pub struct ScanBack {
+    iter: sled::Iter,
+    current: Vec<Event>,
+    before: Ulid,
+    head_seq: u64,
+}
+
+impl Iterator for ScanBack {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            while let Some(event) = self.current.pop() {
+                if event.id < self.before && event.seq <= self.head_seq {
+                    return Some(Ok(event));
+                }
+            }
+            match self.iter.next_back()? {
+                Ok((_, bytes)) => match decode_chunk(&bytes) {
+                    Ok(chunk) => self.current = chunk,
+                    Err(e) => return Some(Err(e)),
+                },
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The single writer: the only code that appends to the log.
+//!
+//! Requests queue on a channel. The *writer thread* owns the head (seq, id, hash), the
+//! ULID generator and the idempotency check; it takes every request that is waiting,
+//! gives each event its id, seq and hash (`chain::seal`), packs the events into chunks
+//! and applies them as one atomic sled batch. It then hands the group to the *syncer
+//! thread*, which makes everything applied so far durable with one flush, marks it
+//! committed in the store, answers every request of the group and publishes the events
+//! on the broadcast channel. While the syncer waits for the disk, the writer is already
+//! building the next group: that is the group commit, pipelined.
+//!
+//! Nothing is answered or published before it is durable (unless `--sync none`), and
+//! the order of acknowledgements and broadcasts is the log order. If a flush fails, the
+//! writer refuses all further appends: after a failed fsync the kernel may have dropped
+//! the dirty pages, so nothing written since can be trusted until a restart re-reads
+//! the log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use ulid::Ulid;
+
+use crate::chain::{self, RecordParts};
+use crate::event::{Event, NewEvent};
+use crate::rfc3339;
+use crate::store::{CHUNK_BYTES, CHUNK_EVENTS, CommitBatch, Head, IdempotencyRecord, Store};
+
+/// How long idempotency keys are kept (SPEC: at least 24 h).
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Most events taken into one group commit; the rest wait for the next.
+const MAX_GROUP_EVENTS: usize = 50_000;
+/// Group commits the broadcast channel buffers for slow subscribers.
+const BROADCAST_CAPACITY: usize = 4096;
+
+/// Whether acknowledgements wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncMode {
+    /// fsync before acknowledging (default).
+    Fsync,
+    /// Acknowledge once written; the OS flushes later. Can lose the last
+    /// acknowledged writes on power loss.
+    None,
+}
+
+/// An `Idempotency-Key` and what it guards.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub token_id: String,
+    pub key: String,
+    /// SHA-256 of the request body: the same key with another body is refused.
+    pub body_hash: [u8; 32],
+}
+
+/// What an append produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Newly appended events.
+    New {
+        first_seq: u64,
+        last_seq: u64,
+        ids: Vec<Ulid>,
+        head: Head,
+    },
+    /// A retry of an earlier request with the same idempotency key: nothing was
+    /// appended; the first request produced `first_seq..=last_seq`.
+    Replayed { first_seq: u64, last_seq: u64 },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    #[error("this Idempotency-Key was already used with a different request body")]
+    KeyReused,
+    #[error("the log is not writable: {0}")]
+    Unavailable(String),
+}
+
+type Reply = oneshot::Sender<Result<Appended, AppendError>>;
+
+struct Request {
+    events: Vec<NewEvent>,
+    idempotency: Option<IdempotencyKey>,
+    reply: Reply,
+}
+
+/// The handle request handlers use; cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Request>,
+    events: broadcast::Sender<Arc<[Event]>>,
+    failed: Arc<AtomicBool>,
+}
+
+/// Joins the writer's threads once every [`Writer`] handle is dropped.
+pub struct WriterThreads {
+    writer: JoinHandle<()>,
+    syncer: JoinHandle<()>,
+}
+
+impl WriterThreads {
+    /// Waits until every queued request is applied, flushed and answered.
+    pub fn join(self) {
+        let _ = self.writer.join();
+        let _ = self.syncer.join();
+    }
+}
+
+impl Writer {
+    /// Starts the writer and syncer threads on a store whose head is loaded.
+    pub fn start(store: Arc<Store>, sync: SyncMode) -> std::io::Result<(Writer, WriterThreads)> {
+        let (tx, rx) = mpsc::channel(1024);
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let failed = Arc::new(AtomicBool::new(false));
+        let (to_syncer, syncer_rx) = std::sync::mpsc::channel();
+
+        let head = store.head();
+        let state = WriterState {
+            store: store.clone(),
+            head,
+            rx,
+            to_syncer,
+            failed: failed.clone(),
+            last_prune: None,
+        };
+        let writer = std::thread::Builder::new()
+            .name("cairn-writer".into())
+            .spawn(move || state.run())?;
+        let syncer_state = Syncer {
+            store,
+            sync,
+            rx: syncer_rx,
+            events: events.clone(),
+            failed: failed.clone(),
+        };
+        let syncer = std::thread::Builder::new()
+            .name("cairn-syncer".into())
+            .spawn(move || syncer_state.run())?;
+        Ok((
+            Writer { tx, events, failed },
+            WriterThreads { writer, syncer },
+        ))
+    }
+
+    /// Appends `events` atomically, in order; resolves once they are durable.
+    pub async fn append(
+        &self,
+        events: Vec<NewEvent>,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<Appended, AppendError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(unavailable());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Request {
+                events,
+                idempotency,
+                reply,
+            })
+            .await
+            .map_err(|_| AppendError::Unavailable("the server is shutting down".into()))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(AppendError::Unavailable("the writer stopped".into())))
+    }
+
+    /// Live feed of committed events, one message per group commit, in log order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<[Event]>> {
+        self.events.subscribe()
+    }
+}
+
+fn unavailable() -> AppendError {
+    AppendError::Unavailable(
+        "an earlier flush to disk failed; restart the server to re-check the log".into(),
+    )
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One group commit on its way from the writer to the syncer.
+struct Group {
+    head: Head,
+    events: Arc<[Event]>,
+    replies: Vec<(Reply, Result<Appended, AppendError>)>,
+}
+
+struct WriterState {
+    store: Arc<Store>,
+    head: Head,
+    rx: mpsc::Receiver<Request>,
+    to_syncer: std::sync::mpsc::Sender<Group>,
+    failed: Arc<AtomicBool>,
+    last_prune: Option<Instant>,
+}
+
+/// Next ULID: the current time with fresh randomness, or one more than the previous id
+/// when the clock has not moved on (or stepped back), so ids strictly increase.
+fn next_id(previous: Option<Ulid>, now_ms: u64) -> Ulid {
+    let fresh = Ulid::from_parts(now_ms, rand::random::<u128>());
+    match previous {
+        Some(prev) if fresh <= prev => prev
+            .increment()
+            .unwrap_or_else(|| Ulid::from_parts(prev.timestamp_ms() + 1, 0)),
+        _ => fresh,
+    }
+}
+
+impl WriterState {
+    fn run(mut self) {
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut requests = vec![first];
+            let mut taken = requests[0].events.len();
+            while taken < MAX_GROUP_EVENTS {
+                match self.rx.try_recv() {
+                    Ok(r) => {
+                        taken += r.events.len();
+                        requests.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.failed.load(Ordering::Acquire) {
+                for r in requests {
+                    let _ = r.reply.send(Err(unavailable()));
+                }
+                continue;
+            }
+            self.commit(requests);
+            self.prune_idempotency_keys();
+        }
+    }
+
+    fn commit(&mut self, requests: Vec<Request>) {
+        let start_head = self.head.clone();
+        let mut batch = CommitBatch::default();
+        let mut all_events: Vec<Event> = Vec::new();
+        let mut chunk_start = 0;
+        let mut chunk_bytes = 0;
+        let mut replies = Vec::with_capacity(requests.len());
+        // Keys used earlier in this same group (not yet in the store).
+        let mut group_keys: HashMap<(String, String), IdempotencyRecord> = HashMap::new();
+
+        for request in requests {
+            if let Some(key) = &request.idempotency {
+                let earlier = match group_keys.get(&(key.token_id.clone(), key.key.clone())) {
+                    Some(r) => Ok(Some(r.clone())),
+                    None => self.store.idempotency(&key.token_id, &key.key),
+                };
+                match earlier {
+                    Ok(Some(record)) => {
+                        let outcome = if record.body_hash == key.body_hash {
+                            Ok(Appended::Replayed {
+                                first_seq: record.first_seq,
+                                last_seq: record.last_seq,
+                            })
+                        } else {
+                            Err(AppendError::KeyReused)
+                        };
+                        replies.push((request.reply, outcome));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        replies.push((request.reply, Err(AppendError::Unavailable(e.to_string()))));
+                        continue;
+                    }
+                }
+            }
+
+            let now_ms = now_unix_ms();
+            let first_seq = self.head.seq + 1;
+            let mut ids = Vec::with_capacity(request.events.len());
+            for new in &request.events {
+                let id = next_id(self.head.id, now_ms);
+                let seq = self.head.seq + 1;
+                let timestamp = match &new.timestamp {
+                    Some(t) => t.clone(),
+                    None => rfc3339::format_unix_ms(id.timestamp_ms()),
+                };
+                let (line, hash) = chain::seal(&RecordParts {
+                    data_jcs: &new.data_jcs,
+                    id,
+                    prev_hash: &self.head.hash,
+                    seq,
+                    source_jcs: new.source_jcs.as_deref(),
+                    timestamp: &timestamp,
+                    event_type: &new.event_type,
+                });
+                chunk_bytes += line.len();
+                all_events.push(Event {
+                    id,
+                    seq,
+                    event_type: new.event_type.clone(),
+                    source: new.source.clone(),
+                    line,
+                });
+                self.head = Head {
+                    seq,
+                    id: Some(id),
+                    hash,
+                    timestamp: Some(timestamp),
+                };
+                ids.push(id);
+                if all_events.len() - chunk_start >= CHUNK_EVENTS || chunk_bytes >= CHUNK_BYTES {
+                    batch.add_chunk(&all_events[chunk_start..]);
+                    chunk_start = all_events.len();
+                    chunk_bytes = 0;
+                }
+            }
+            if let Some(key) = request.idempotency {
+                let record = IdempotencyRecord {
+                    body_hash: key.body_hash,
+                    first_seq,
+                    last_seq: self.head.seq,
+                    created_unix_ms: now_ms,
+                };
+                batch.add_idempotency(&key.token_id, &key.key, &record);
+                group_keys.insert((key.token_id, key.key), record);
+            }
+            replies.push((
+                request.reply,
+                Ok(Appended::New {
+                    first_seq,
+                    last_seq: self.head.seq,
+                    ids,
+                    head: self.head.clone(),
+                }),
+            ));
+        }
+        if chunk_start < all_events.len() {
+            batch.add_chunk(&all_events[chunk_start..]);
+        }
+
+        if let Err(e) = self.store.apply(batch) {
+            // Nothing of this group reached the store: roll the head back, and fail every
+            // request that appended or that replays a key first used in this group.
+            tracing::error!(error = %e, "appending a group commit failed");
+            for (_, outcome) in &mut replies {
+                let lost = match outcome {
+                    Ok(Appended::New { .. }) => true,
+                    Ok(Appended::Replayed { first_seq, .. }) => *first_seq > start_head.seq,
+                    Err(_) => false,
+                };
+                if lost {
+                    *outcome = Err(AppendError::Unavailable(e.to_string()));
+                }
+            }
+            self.head = start_head;
+            all_events.clear();
+        }
+        let group = Group {
+            head: self.head.clone(),
+            events: all_events.into(),
+            replies,
+        };
+        if self.to_syncer.send(group).is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+    }
+
+    fn prune_idempotency_keys(&mut self) {
+        if self.last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        let cutoff = now_unix_ms().saturating_sub(IDEMPOTENCY_TTL.as_millis() as u64);
+        match self.store.expired_idempotency_keys(cutoff) {
+            Ok(keys) if keys.is_empty() => {}
+            Ok(keys) => {
+                let count = keys.len();
+                let mut batch = CommitBatch::default();
+                for k in keys {
+                    batch.remove_idempotency(k);
+                }
+                match self.store.apply(batch) {
+                    Ok(()) => tracing::info!(count, "pruned expired idempotency keys"),
+                    Err(e) => tracing::warn!(error = %e, "pruning idempotency keys failed"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "scanning idempotency keys failed"),
+        }
+    }
+}
+
+struct Syncer {
+    store: Arc<Store>,
+    sync: SyncMode,
+    rx: std::sync::mpsc::Receiver<Group>,
+    events: broadcast::Sender<Arc<[Event]>>,
+    failed: Arc<AtomicBool>,
+}
+
+impl Syncer {
+    fn run(self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut groups = vec![first];
+            groups.extend(self.rx.try_iter());
+            let synced = match self.sync {
+                SyncMode::Fsync => self.store.sync(),
+                SyncMode::None => Ok(()),
+            };
+            if let Err(e) = synced {
+                tracing::error!(error = %e, "flushing the log to disk failed; refusing further appends");
+                self.failed.store(true, Ordering::Release);
+            }
+            let durable = !self.failed.load(Ordering::Acquire);
+            if durable && let Some(last) = groups.last() {
+                self.store.set_committed(last.head.clone());
+            }
+            for group in groups {
+                for (reply, outcome) in group.replies {
+                    let outcome = if durable {
+                        outcome
+                    } else {
+                        outcome.and(Err(unavailable()))
+                    };
+                    let _ = reply.send(outcome);
+                }
+                if durable && !group.events.is_empty() {
+                    // No subscribers is fine: send only fails when nobody listens.
+                    let _ = self.events.send(group.events);
+                }
+            }
+        }
+        if self.sync == SyncMode::None
+            && let Err(e) = self.store.sync()
+        {
+            tracing::error!(error = %e, "final flush at shutdown failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_increase_when_the_clock_steps_back() {
+        let a = next_id(None, 10_000);
+        let b = next_id(Some(a), 5_000);
+        let c = next_id(Some(b), 5_000);
+        assert!(a < b && b < c);
+        let max = Ulid::from_parts(10_000, u128::MAX);
+        let d = next_id(Some(max), 10_000);
+        assert!(d > max);
+        assert_eq!(d.timestamp_ms(), 10_001);
+    }
+}

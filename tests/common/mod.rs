@@ -1,0 +1,245 @@
+//! Test harness: the real `cairn` binary on a loopback port with a temporary data
+//! directory, and a real HTTP client. Shared by every integration test file.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cairn");
+
+/// Waits until `cond` holds, polling every 20 ms, or panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub addr: String,
+    pub data: PathBuf,
+    pub token: String,
+    /// Everything the server wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    _tmp: Option<tempfile::TempDir>,
+    http: reqwest::blocking::Client,
+}
+
+impl Server {
+    /// A fresh server on a new temporary data directory.
+    pub fn start(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let mut s = Server::start_on(&data, extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// A server on an existing data directory (e.g. after a crash).
+    pub fn start_on(data: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cairn serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(pos) = line.find("listening addr=") {
+                        let _ =
+                            addr_tx.send(line[pos + "listening addr=".len()..].trim().to_string());
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "cairn serve did not start; its log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        let token_path = data.join("admin.token");
+        let token = std::fs::read_to_string(&token_path)
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("http client");
+        let s = Server {
+            child: Some(child),
+            addr,
+            data: data.to_path_buf(),
+            token,
+            log,
+            _tmp: None,
+            http,
+        };
+        wait_until(Duration::from_secs(10), "/healthz", || {
+            s.http
+                .get(s.url("/healthz"))
+                .send()
+                .is_ok_and(|r| r.status() == 200)
+        });
+        s
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn http(&self) -> &reqwest::blocking::Client {
+        &self.http
+    }
+
+    /// GET with the admin token; returns status and JSON (Null if not JSON).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    /// GET with the admin token; returns status and the raw body.
+    pub fn get_text(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("GET");
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    }
+
+    /// POST a body with a content type and the admin token.
+    pub fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::blocking::Body>,
+    ) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    pub fn post_json(&self, body: &Value) -> (u16, Value) {
+        self.post("/v1/events", "application/json", body.to_string())
+    }
+
+    /// The head object of `GET /v1/head`.
+    pub fn head(&self) -> Value {
+        let (status, body) = self.get("/v1/head");
+        assert_eq!(status, 200, "{body}");
+        body["data"].clone()
+    }
+
+    /// The whole log as export lines.
+    pub fn export_lines(&self) -> Vec<String> {
+        let (status, text) = self.get_text("/v1/export?since=earliest");
+        assert_eq!(status, 200, "{text}");
+        text.split('\n')
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe_free_sigterm(c.id());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("cairn did not exit within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `cairn` CLI; returns (exit code, stdout, stderr).
+pub fn cairn(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("CAIRN_URL")
+        .env_remove("CAIRN_TOKEN")
+        .output()
+        .expect("run cairn");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
