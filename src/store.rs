@@ -12,16 +12,22 @@
 //! | `i` ‖ token id ‖ `0x00` ‖ key | an idempotency record |
 //!
 //! Why chunks: a sled insert costs ~13 µs, so one key per event caps ingest near
-//! 70k events/s; one key per group commit lifts that cap. Chunks stay small (≤ 64
-//! events, ~32 KB) because sled rewrites whole leaves (≤ 16 entries) when it
-//! consolidates them, and because values above a quarter segment become blob files that
-//! sled never fsyncs. ULIDs increase with seq, so "the chunk holding id X" is the last
-//! chunk key ≤ X, and "the chunk holding seq N" is the last seq-index key ≤ N: both
-//! O(log n) lookups.
+//! 70k events/s; a few keys per group commit lift that cap. A chunk is bincode,
+//! compressed with LZ4: event JSON repeats its member names, and sled writes every value
+//! several times (insert, leaf consolidation, split), so bytes are what a flush pays for.
+//!
+//! Chunks stay small (≤ [`CHUNK_BYTES`] before compression) for a sled reason: a leaf
+//! holds up to 17 entries and is rewritten whole when consolidated, and any logged page
+//! larger than a quarter segment ([`SEGMENT_BYTES`]) goes to a separate *blob file*.
+//! 17 × 24 KiB stays under 512 KiB, so only a very large single event makes a blob.
+//!
+//! ULIDs increase with seq, so "the chunk holding id X" is the last chunk key ≤ X, and
+//! "the chunk holding seq N" is the last seq-index key ≤ N: both O(log n) lookups.
 //!
 //! Durability: sled's `flush` on Linux ends with `sync_file_range`, which does not
-//! flush the device's write cache, so [`Store::sync`] follows it with `fdatasync` on
-//! sled's log file.
+//! flush the device's write cache, and sled never syncs blob files at all. So
+//! [`Store::sync`] follows sled's flush with `fdatasync` on the log file and on any
+//! blob file not yet synced (and on the blob directory).
 //!
 //! Readers never see past the *committed* head, the newest event known to be durable
 //! (set by the writer after each sync), so a query cannot return an event a crash
@@ -39,8 +45,13 @@ use crate::event::Event;
 
 /// Most events in one stored chunk.
 pub const CHUNK_EVENTS: usize = 64;
-/// A chunk is closed early once its lines reach this many bytes.
-pub const CHUNK_BYTES: usize = 48 * 1024;
+/// A chunk is closed once its lines reach this many bytes (before compression).
+pub const CHUNK_BYTES: usize = 24 * 1024;
+/// sled's segment size: fixed for the life of a data directory.
+const SEGMENT_BYTES: usize = 2 << 20;
+/// A decompressed chunk larger than this is corrupt (a chunk holds one request's
+/// events at most, and a request is at most 16 MiB by default).
+const MAX_CHUNK_BYTES: usize = 256 << 20;
 
 const EVENT_PREFIX: u8 = b'e';
 const SEQ_PREFIX: u8 = b's';
@@ -188,12 +199,22 @@ fn encode_chunk(events: &[Event]) -> Vec<u8> {
         })
         .collect();
     // Encoding plain structs into a Vec cannot fail.
-    bincode::serde::encode_to_vec(&stored, bincode_config()).unwrap_or_default()
+    let plain = bincode::serde::encode_to_vec(&stored, bincode_config()).unwrap_or_default();
+    lz4_flex::compress_prepend_size(&plain)
 }
 
 fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
+    let claimed = bytes
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| StoreError::Corrupt("chunk too short".into()))?;
+    if claimed > MAX_CHUNK_BYTES {
+        return Err(StoreError::Corrupt(format!("chunk claims {claimed} bytes")));
+    }
+    let plain = lz4_flex::decompress_size_prepended(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("chunk does not decompress: {e}")))?;
     let (stored, _): (Vec<StoredEvent<'_>>, usize) =
-        bincode::serde::borrow_decode_from_slice(bytes, bincode_config())
+        bincode::serde::borrow_decode_from_slice(&plain, bincode_config())
             .map_err(|e| StoreError::Corrupt(format!("chunk does not decode: {e}")))?;
     Ok(stored
         .into_iter()
@@ -269,6 +290,9 @@ pub struct Store {
     tokens: sled::Tree,
     /// sled's log file, for the `fdatasync` sled's own flush leaves out.
     log_file: File,
+    blob_dir: PathBuf,
+    /// Blob files already synced (sled removes them itself when it no longer needs them).
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     committed: RwLock<Head>,
     chunk_cache: quick_cache::sync::Cache<u128, Arc<Vec<Event>>>,
     _dir: DataDir,
@@ -286,6 +310,7 @@ impl Store {
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(SLED_CACHE_BYTES)
+            .segment_size(SEGMENT_BYTES)
             .open()?;
         let log = db.open_tree("log")?;
         let tokens = db.open_tree("tokens")?;
@@ -299,6 +324,8 @@ impl Store {
             log,
             tokens,
             log_file,
+            blob_dir: db_path.join("blobs"),
+            synced_blobs: Default::default(),
             committed: RwLock::new(Head::EMPTY),
             chunk_cache: quick_cache::sync::Cache::new(CHUNK_CACHE_ENTRIES),
             _dir: dir,
@@ -342,7 +369,47 @@ impl Store {
         self.log_file.sync_data().map_err(|source| StoreError::Io {
             path: PathBuf::from("log/db"),
             source,
-        })
+        })?;
+        self.sync_blobs()
+    }
+
+    /// fsyncs blob files sled wrote since the last sync, then their directory.
+    fn sync_blobs(&self) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        let entries = match std::fs::read_dir(&self.blob_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&self.blob_dir)(e)),
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut any_new = false;
+        let mut present = std::collections::HashSet::new();
+        for entry in entries {
+            let entry = entry.map_err(io(&self.blob_dir))?;
+            present.insert(entry.file_name());
+            if synced.contains(&entry.file_name()) {
+                continue;
+            }
+            let path = entry.path();
+            match File::open(&path) {
+                Ok(f) => f.sync_data().map_err(io(&path))?,
+                // sled garbage-collected it between the listing and the open.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&path)(e)),
+            }
+            synced.insert(entry.file_name());
+            any_new = true;
+        }
+        synced.retain(|name| present.contains(name));
+        if any_new {
+            File::open(&self.blob_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.blob_dir))?;
+        }
+        Ok(())
     }
 
     /// Bytes sled occupies on disk.

@@ -1,0 +1,269 @@
+//! Ingest benchmarks against the real release server over loopback HTTP (the workloads
+//! of ../shared/peers): prints events/s, batch latency percentiles, RSS and disk use.
+//!
+//! `cargo bench --bench ingest` runs all; `cargo bench --bench ingest -- w1` runs one
+//! (names: w1, w2, single, rss). `CAIRN_BENCH_EVENTS_RSS` overrides the 1,000,000 events
+//! of the RSS run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+const EVENT_SIZE: usize = 300;
+
+/// The peers' 300-byte workload event in cairn's input shape.
+fn event(seq: u64, ts: &str) -> String {
+    let mut s = format!(
+        concat!(
+            r#"{{"type":"tool_call","timestamp":"{}","data":{{"agent":"claude-code","#,
+            r#""session":"myapp/main","tool":"exec","request":{{"command":"git status","#,
+            r#""cwd":"/home/dev/src/myapp"}},"decision":{{"action":"allow","#,
+            r#""matched_policies":["allow-git"],"evaluation_time_us":{}}},"seq":{},"pad":""}}}}"#
+        ),
+        ts,
+        seq % 97,
+        seq
+    );
+    if s.len() < EVENT_SIZE {
+        let at = s.len() - 3;
+        s.insert_str(at, &"x".repeat(EVENT_SIZE - s.len()));
+    }
+    s
+}
+
+fn batch_body(seq0: u64, n: u64) -> Bytes {
+    let ts = "2026-03-19T10:00:00.000Z";
+    let events: Vec<String> = (seq0..seq0 + n).map(|s| event(s, ts)).collect();
+    if n == 1 {
+        return Bytes::from(events.into_iter().next().unwrap_or_default());
+    }
+    Bytes::from(format!("{{\"events\":[{}]}}", events.join(",")))
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+    token: String,
+    data: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(sync: &str) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["serve", "--listen", &addr, "--sync", sync, "--data"])
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cairn");
+        let token_path = data.join("admin.token");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let token = loop {
+            if let Ok(t) = std::fs::read_to_string(&token_path)
+                && std::net::TcpStream::connect(&addr).is_ok()
+            {
+                break t.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Server {
+            child,
+            addr,
+            token,
+            data,
+            _tmp: tmp,
+        }
+    }
+
+    fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+async fn connect(addr: &str) -> SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let (send, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// `conns` connections each send `per_conn` requests of `batch` events, one at a time.
+/// Returns (events/s, sorted request latencies in µs).
+async fn ingest(server: &Server, conns: usize, batch: u64, total: u64) -> (f64, Vec<u64>) {
+    let per_conn = total / batch / conns as u64;
+    // A few distinct bodies, built before the clock starts: the client's CPU is the
+    // server's CPU on a 2-core machine.
+    let bodies: Arc<Vec<Bytes>> = Arc::new((0..8).map(|i| batch_body(i * batch, batch)).collect());
+    let acked = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (addr, auth, bodies, acked) = (
+            server.addr.clone(),
+            format!("Bearer {}", server.token),
+            bodies.clone(),
+            acked.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut send = connect(&addr).await;
+            let mut lat = Vec::with_capacity(per_conn as usize);
+            for i in 0..per_conn {
+                let body = bodies[(c + i as usize) % bodies.len()].clone();
+                let req = hyper::Request::post("/v1/events")
+                    .header("host", &addr)
+                    .header("authorization", &auth)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .expect("request");
+                let t = Instant::now();
+                let resp = send.send_request(req).await.expect("send");
+                let status = resp.status();
+                let _ = resp.into_body().collect().await.expect("body");
+                assert_eq!(status, 201, "ingest failed");
+                lat.push(t.elapsed().as_micros() as u64);
+                acked.fetch_add(batch, Ordering::Relaxed);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    (acked.load(Ordering::Relaxed) as f64 / secs, lat)
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn report(name: &str, rate: f64, lat: &[u64]) {
+    println!(
+        "{name:<48} {:>10.0} events/s   request p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>6.2} ms",
+        rate,
+        pct(lat, 0.5),
+        pct(lat, 0.99),
+        pct(lat, 1.0)
+    );
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "cairn ingest benchmarks ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    if wanted("w1") {
+        for run in 1..=2 {
+            let s = Server::start("fsync");
+            let (rate, lat) = rt.block_on(ingest(&s, 4, 100, 200_000));
+            report(
+                &format!("W1 fsync, 4 conns x 100/batch, run {run}"),
+                rate,
+                &lat,
+            );
+        }
+    }
+    if wanted("w2") {
+        for run in 1..=2 {
+            let s = Server::start("none");
+            let (rate, lat) = rt.block_on(ingest(&s, 4, 100, 200_000));
+            report(
+                &format!("W2 --sync none, 4 conns x 100/batch, run {run}"),
+                rate,
+                &lat,
+            );
+        }
+    }
+    if wanted("single") {
+        let s = Server::start("fsync");
+        let (rate, lat) = rt.block_on(ingest(&s, 64, 1, 64_000));
+        report("fsync, 64 conns x 1 event/request", rate, &lat);
+    }
+    if wanted("rss") {
+        let total: u64 = std::env::var("CAIRN_BENCH_EVENTS_RSS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let s = Server::start("none");
+        let before = s.rss_kb();
+        let (rate, lat) = rt.block_on(ingest(&s, 4, 100, total));
+        report(&format!("load {total} events (--sync none)"), rate, &lat);
+        let disk = dir_bytes(&s.data);
+        println!(
+            "RSS after {total} events: {:.1} MB (at start {:.1} MB); disk {:.1} MB = {:.0} bytes/event",
+            s.rss_kb() as f64 / 1024.0,
+            before as f64 / 1024.0,
+            disk as f64 / 1e6,
+            disk as f64 / total as f64
+        );
+    }
+}
