@@ -43,38 +43,63 @@ pub struct RecordParts<'a> {
     pub event_type: &'a str,
 }
 
-/// Builds the served JCS line and its hash.
+/// Builds the served JCS line and its hash, in one buffer: the line is written with a
+/// placeholder where the hash goes, the record (the line minus the hash member) is
+/// hashed in two pieces, and the placeholder is overwritten.
 pub fn seal(parts: &RecordParts<'_>) -> (String, [u8; 32]) {
-    let mut prefix = String::with_capacity(parts.data_jcs.len() + 10);
-    prefix.push_str("{\"data\":");
-    prefix.push_str(parts.data_jcs);
-    prefix.push(',');
-
-    let mut suffix = String::with_capacity(200);
-    suffix.push_str("\"id\":\"");
-    suffix.push_str(&parts.id.to_string());
-    suffix.push_str("\",\"prev_hash\":\"");
-    suffix.push_str(&hex::encode(parts.prev_hash));
-    suffix.push_str("\",\"seq\":");
-    suffix.push_str(itoa::Buffer::new().format(parts.seq));
-    if let Some(source) = parts.source_jcs {
-        suffix.push_str(",\"source\":");
-        suffix.push_str(source);
-    }
-    suffix.push_str(",\"timestamp\":\"");
-    suffix.push_str(parts.timestamp);
-    suffix.push_str("\",\"type\":\"");
-    suffix.push_str(parts.event_type);
-    suffix.push_str("\"}");
-
-    let hash = leaf_hash(&[prefix.as_bytes(), suffix.as_bytes()]);
-    let mut line = prefix;
-    line.reserve(HASH_MEMBER_LEN + suffix.len());
+    let source_len = parts.source_jcs.map_or(0, |s| s.len() + 10);
+    let mut line = String::with_capacity(
+        parts.data_jcs.len() + source_len + parts.timestamp.len() + parts.event_type.len() + 240,
+    );
+    line.push_str("{\"data\":");
+    line.push_str(parts.data_jcs);
+    line.push(',');
+    let member_start = line.len();
     line.push_str("\"hash\":\"");
-    line.push_str(&hex::encode(hash));
+    let hash_start = line.len();
+    line.push_str(&"0".repeat(64));
     line.push_str("\",");
-    line.push_str(&suffix);
+    let suffix_start = line.len();
+    line.push_str("\"id\":\"");
+    let mut id_buf = [0u8; ulid::ULID_LEN];
+    line.push_str(parts.id.array_to_str(&mut id_buf));
+    line.push_str("\",\"prev_hash\":\"");
+    line.push_str(&hex_str(parts.prev_hash));
+    line.push_str("\",\"seq\":");
+    line.push_str(itoa::Buffer::new().format(parts.seq));
+    if let Some(source) = parts.source_jcs {
+        line.push_str(",\"source\":");
+        line.push_str(source);
+    }
+    line.push_str(",\"timestamp\":\"");
+    line.push_str(parts.timestamp);
+    line.push_str("\",\"type\":\"");
+    line.push_str(parts.event_type);
+    line.push_str("\"}");
+
+    let bytes = line.as_bytes();
+    let hash = leaf_hash(&[&bytes[..member_start], &bytes[suffix_start..]]);
+    line.replace_range(hash_start..hash_start + 64, &hex_str(&hash));
     (line, hash)
+}
+
+/// Lowercase hex of a hash, without allocating.
+pub fn hex_str(hash: &[u8; 32]) -> HexHash {
+    let mut out = [0u8; 64];
+    // A 64-byte buffer always fits 32 bytes of hex.
+    let _ = hex::encode_to_slice(hash, &mut out);
+    HexHash(out)
+}
+
+/// 64 lowercase hex digits.
+pub struct HexHash([u8; 64]);
+
+impl std::ops::Deref for HexHash {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // hex digits are ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// SHA-256(0x00 ‖ parts…): the RFC 6962 leaf hash of the concatenated record.

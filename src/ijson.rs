@@ -254,11 +254,14 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
                 state: self.state,
                 path: &path,
             })?;
-            if map.contains_key(key.as_ref()) {
-                self.state
-                    .violate(&path, format!("duplicate member \"{key}\""));
-            } else {
-                map.insert(key.into_owned(), value);
+            match map.entry(key.as_ref()) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                serde_json::map::Entry::Occupied(_) => {
+                    self.state
+                        .violate(&path, format!("duplicate member \"{key}\""));
+                }
             }
         }
         Ok(Value::Object(map))

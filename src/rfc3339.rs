@@ -103,6 +103,21 @@ pub fn parse(s: &str) -> Result<Timestamp, &'static str> {
         return Err("falls outside the years 0000–9999 in UTC");
     }
 
+    let canonical_input = offset_seconds == 0 && b[10] == b'T' && b[b.len() - 1] == b'Z';
+    let nanos = fraction
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(9)
+        .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
+    let sub_ms_rest = nanos % 1_000_000;
+    let unix_ms_ceil = utc.unix_timestamp() * 1000 + nanos / 1_000_000 + i64::from(sub_ms_rest > 0);
+    if canonical_input {
+        return Ok(Timestamp {
+            text: s.to_string(),
+            unix_ms_ceil,
+        });
+    }
+
     let mut text = format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
         utc.year(),
@@ -117,11 +132,6 @@ pub fn parse(s: &str) -> Result<Timestamp, &'static str> {
         text.push_str(fraction);
     }
     text.push('Z');
-
-    let padded = format!("{fraction:0<9}");
-    let nanos: i64 = padded.parse().unwrap_or(0);
-    let sub_ms_rest = nanos % 1_000_000;
-    let unix_ms_ceil = utc.unix_timestamp() * 1000 + nanos / 1_000_000 + i64::from(sub_ms_rest > 0);
     Ok(Timestamp { text, unix_ms_ceil })
 }
 

@@ -279,13 +279,12 @@ impl WriterState {
             let now_ms = now_unix_ms();
             let first_seq = self.head.seq + 1;
             let mut ids = Vec::with_capacity(request.events.len());
-            for new in &request.events {
+            for new in request.events {
                 let id = next_id(self.head.id, now_ms);
                 let seq = self.head.seq + 1;
-                let timestamp = match &new.timestamp {
-                    Some(t) => t.clone(),
-                    None => rfc3339::format_unix_ms(id.timestamp_ms()),
-                };
+                let timestamp = new
+                    .timestamp
+                    .unwrap_or_else(|| rfc3339::format_unix_ms(id.timestamp_ms()));
                 let (line, hash) = chain::seal(&RecordParts {
                     data_jcs: &new.data_jcs,
                     id,
@@ -299,8 +298,8 @@ impl WriterState {
                 all_events.push(Event {
                     id,
                     seq,
-                    event_type: new.event_type.clone(),
-                    source: new.source.clone(),
+                    event_type: new.event_type,
+                    source: new.source,
                     line,
                 });
                 self.head = Head {
