@@ -412,11 +412,6 @@ impl Store {
         Ok(())
     }
 
-    /// Bytes sled occupies on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
-
     fn last_chunk(&self) -> Result<Option<Vec<Event>>> {
         match self
             .log

@@ -232,9 +232,9 @@ impl Drop for Server {
 pub fn cairn(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
-        .envs(envs.iter().copied())
         .env_remove("CAIRN_URL")
         .env_remove("CAIRN_TOKEN")
+        .envs(envs.iter().copied())
         .output()
         .expect("run cairn");
     (
