@@ -90,6 +90,22 @@ impl Server {
         }
     }
 
+    /// CPU seconds (user + system) the server has used so far.
+    fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     fn rss_kb(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
@@ -195,14 +211,30 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-fn report(name: &str, rate: f64, lat: &[u64]) {
+fn report(name: &str, rate: f64, lat: &[u64], server_cpu_us_per_event: f64) {
     println!(
-        "{name:<48} {:>10.0} events/s   request p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>6.2} ms",
+        "{name:<44} {:>8.0} events/s  request p50 {:>5.2} ms  p99 {:>5.2} ms  max {:>6.2} ms  server CPU {:>5.2} us/event",
         rate,
         pct(lat, 0.5),
         pct(lat, 0.99),
-        pct(lat, 1.0)
+        pct(lat, 1.0),
+        server_cpu_us_per_event
     );
+}
+
+/// Runs `ingest` and reports it with the server's CPU cost per event.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    s: &Server,
+    name: &str,
+    conns: usize,
+    batch: u64,
+    total: u64,
+) {
+    let cpu0 = s.cpu_secs();
+    let (rate, lat) = rt.block_on(ingest(s, conns, batch, total));
+    let cpu = s.cpu_secs() - cpu0;
+    report(name, rate, &lat, cpu * 1e6 / total as f64);
 }
 
 fn main() {
@@ -224,29 +256,20 @@ fn main() {
     if wanted("w1") {
         for run in 1..=2 {
             let s = Server::start("fsync");
-            let (rate, lat) = rt.block_on(ingest(&s, 4, 100, 200_000));
-            report(
-                &format!("W1 fsync, 4 conns x 100/batch, run {run}"),
-                rate,
-                &lat,
-            );
+            let name = format!("W1 fsync, 4 conns x 100/batch, run {run}");
+            measure(&rt, &s, &name, 4, 100, 200_000);
         }
     }
     if wanted("w2") {
         for run in 1..=2 {
             let s = Server::start("none");
-            let (rate, lat) = rt.block_on(ingest(&s, 4, 100, 200_000));
-            report(
-                &format!("W2 --sync none, 4 conns x 100/batch, run {run}"),
-                rate,
-                &lat,
-            );
+            let name = format!("W2 --sync none, 4 conns x 100/batch, run {run}");
+            measure(&rt, &s, &name, 4, 100, 200_000);
         }
     }
     if wanted("single") {
         let s = Server::start("fsync");
-        let (rate, lat) = rt.block_on(ingest(&s, 64, 1, 64_000));
-        report("fsync, 64 conns x 1 event/request", rate, &lat);
+        measure(&rt, &s, "fsync, 64 conns x 1 event/request", 64, 1, 64_000);
     }
     if wanted("rss") {
         let total: u64 = std::env::var("CAIRN_BENCH_EVENTS_RSS")
@@ -255,8 +278,14 @@ fn main() {
             .unwrap_or(1_000_000);
         let s = Server::start("none");
         let before = s.rss_kb();
-        let (rate, lat) = rt.block_on(ingest(&s, 4, 100, total));
-        report(&format!("load {total} events (--sync none)"), rate, &lat);
+        measure(
+            &rt,
+            &s,
+            &format!("load {total} events (--sync none)"),
+            4,
+            100,
+            total,
+        );
         let disk = dir_bytes(&s.data);
         println!(
             "RSS after {total} events: {:.1} MB (at start {:.1} MB); disk {:.1} MB = {:.0} bytes/event",

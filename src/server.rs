@@ -104,7 +104,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         );
     }
 
-    let (writer, writer_threads) = Writer::start(store.clone(), opts.sync)?;
+    let (writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
     let state = AppState {
         store: store.clone(),
         writer,
@@ -129,7 +129,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         .await?;
 
     // The router (and every Writer handle in it) is gone: the writer drains its queue.
-    let joined = tokio::task::spawn_blocking(move || writer_threads.join()).await;
+    let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     if joined.is_err() {
         tracing::error!("the writer thread panicked during shutdown");
     }
