@@ -70,6 +70,8 @@ pub enum StoreError {
         "the data directory {0} is in use by another cairn process; stop it, or use --url to talk to the running server"
     )]
     Locked(PathBuf),
+    #[error("{0} holds no cairn log (is the path right?)")]
+    NoLog(PathBuf),
     #[error("corrupt record in the log: {0}")]
     Corrupt(String),
 }
@@ -163,6 +165,15 @@ impl DataDir {
             path: path.to_path_buf(),
             _lock: lock,
         })
+    }
+
+    /// Locks an existing data directory that holds a log (for offline commands, which
+    /// must not create an empty log where a path was mistyped).
+    pub fn lock_existing(path: &Path) -> Result<DataDir> {
+        if !path.join("log").is_dir() {
+            return Err(StoreError::NoLog(path.to_path_buf()));
+        }
+        DataDir::lock(path)
     }
 
     pub fn path(&self) -> &Path {

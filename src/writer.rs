@@ -369,7 +369,11 @@ impl WriterState {
             self.store.set_committed(group.head);
         }
         for (reply, outcome) in group.replies {
-            let outcome = if durable { outcome } else { outcome.and(Err(unavailable())) };
+            let outcome = if durable {
+                outcome
+            } else {
+                outcome.and(Err(unavailable()))
+            };
             let _ = reply.send(outcome);
         }
         if durable && !group.events.is_empty() {

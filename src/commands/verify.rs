@@ -49,7 +49,7 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
             &mut progress,
         )?
     } else if let Some(dir) = &args.data {
-        let store = Store::open(DataDir::lock(dir).map_err(|e| e.to_string())?)
+        let store = Store::open(DataDir::lock_existing(dir).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
         verify_store(&store, &mut verifier, &mut progress)?
     } else {
