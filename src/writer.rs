@@ -31,7 +31,7 @@ use ulid::Ulid;
 use crate::chain::{self, RecordParts};
 use crate::event::{Event, NewEvent};
 use crate::rfc3339;
-use crate::store::{CHUNK_BYTES, CHUNK_EVENTS, CommitBatch, Head, IdempotencyRecord, Store};
+use crate::store::{CommitBatch, Head, IdempotencyRecord, Store};
 
 /// How long idempotency keys are kept (SPEC: at least 24 h).
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -236,8 +236,6 @@ impl WriterState {
         let start_head = self.head.clone();
         let mut batch = CommitBatch::default();
         let mut all_events: Vec<Event> = Vec::new();
-        let mut chunk_start = 0;
-        let mut chunk_bytes = 0;
         let mut replies = Vec::with_capacity(requests.len());
         // Keys used earlier in this same group (not yet in the store).
         let mut group_keys: HashMap<(String, String), IdempotencyRecord> = HashMap::new();
@@ -287,7 +285,6 @@ impl WriterState {
                     timestamp: &timestamp,
                     event_type: &new.event_type,
                 });
-                chunk_bytes += line.len();
                 all_events.push(Event {
                     id,
                     seq,
@@ -302,11 +299,6 @@ impl WriterState {
                     timestamp: Some(timestamp),
                 };
                 ids.push(id);
-                if all_events.len() - chunk_start >= CHUNK_EVENTS || chunk_bytes >= CHUNK_BYTES {
-                    batch.add_chunk(&all_events[chunk_start..]);
-                    chunk_start = all_events.len();
-                    chunk_bytes = 0;
-                }
             }
             if let Some(key) = request.idempotency {
                 let record = IdempotencyRecord {
@@ -328,9 +320,7 @@ impl WriterState {
                 }),
             ));
         }
-        if chunk_start < all_events.len() {
-            batch.add_chunk(&all_events[chunk_start..]);
-        }
+        batch.add_events(&all_events);
 
         if let Err(e) = self.store.apply(batch) {
             // Nothing of this group reached the store: roll the head back, and fail every

@@ -19,10 +19,10 @@ fn tamper(data: &std::path::Path, seq: u64, edit: impl Fn(&str) -> String) {
         .expect("read");
     let target = events.iter_mut().find(|e| e.seq == seq).expect("event");
     target.line = edit(&target.line);
-    // The first request of a fresh log is stored as one chunk keyed by its first id, so
-    // writing the chunk again replaces it.
+    // A small first request of a fresh log is stored as one chunk keyed by its first id,
+    // so writing the events again replaces it.
     let mut batch = CommitBatch::default();
-    batch.add_chunk(&events);
+    batch.add_events(&events);
     store.apply(batch).expect("apply");
     store.sync().expect("sync");
 }
