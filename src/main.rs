@@ -9,7 +9,7 @@ use cairn::server::{self, ServeOptions};
 // Events are allocated on request tasks and freed on the writer and syncer threads;
 // glibc's allocator spent ~15% of ingest CPU on that pattern.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
