@@ -27,6 +27,8 @@ pub enum Command {
     Append(AppendArgs),
     /// Write events as NDJSON to stdout.
     Export(ExportArgs),
+    /// Print events as NDJSON; `--follow` keeps streaming, `--cursor-file` resumes.
+    Events(EventsArgs),
     /// Re-derive the hash chain of an export file, a server or a data directory.
     Verify(VerifyArgs),
 }
@@ -129,6 +131,32 @@ pub struct ExportArgs {
     pub remote: Remote,
     #[command(flatten)]
     pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// ULID, RFC 3339 time, a duration back from now (`15m`, `2h`, `7d`) or `earliest`.
+    /// Default: `earliest`, or the current head with --follow.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// ULID or RFC 3339 time (exclusive): stop before it.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Comma list of types and `prefix*` patterns.
+    #[arg(long)]
+    pub types: Option<String>,
+    /// Exact source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Keep streaming new events; reconnect by itself from the last id.
+    #[arg(long)]
+    pub follow: bool,
+    /// File holding the id to resume after; it wins over --since when it exists, and
+    /// the last delivered id is written back (atomically) after each batch.
+    #[arg(long)]
+    pub cursor_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -9,11 +9,13 @@
 //!   syncer thread: store::sync (one fsync per group) ─► acknowledge ─► broadcast
 //!
 //! GET /v1/events, /v1/export, /v1/verify ─► api::read ─► store scans (≤ committed head)
+//! GET /v1/events/stream ─► api::stream ─► subscription: subscribe to the broadcast,
+//!                          replay the store from the cursor, then live (lag → store)
 //! ```
 //!
 //! Start at [`writer`] (who appends, and when an event counts as committed), then
 //! [`store`] (the sled layout, behind a narrow interface), then [`chain`] (the one
-//! definition of the hash). [`api`] is the HTTP layer; it never touches sled.
+//! definition of the hash), then [`subscription`] (how a stream resumes without a gap). [`api`] is the HTTP layer; it never touches sled.
 //! [`cli`] defines every command; [`commands`] runs the client-side ones.
 //!
 //! | module | concern |
@@ -24,6 +26,7 @@
 //! | [`chain`] | canonical record, hash, chain verification |
 //! | [`store`] | sled layout, data-directory lock, committed head |
 //! | [`writer`] | single writer, group commit, broadcast |
+//! | [`subscription`] | replay-then-live, exactly once, for every stream |
 //! | [`cursor`] | `since`/`until`/`types`/`source` |
 //! | [`auth`] | tokens and roles |
 //! | [`api`] | axum routes and the error body |
@@ -44,4 +47,5 @@ pub mod rfc3339;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod subscription;
 pub mod writer;

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Append(args) => commands::append::run(&args),
         Command::Export(args) => commands::export::run(&args),
+        Command::Events(args) => commands::events::run(&args),
         Command::Verify(args) => commands::verify::run(&args),
     };
     match result {
@@ -52,6 +53,9 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
         auth: args.auth == OnOff::On,
         max_events_per_request: args.max_events_per_request,
         max_body_bytes: args.max_body_bytes,
+        heartbeat: std::time::Duration::from_secs(args.heartbeat.max(1)),
+        max_connections: args.max_connections,
+        write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
     };
     runtime
         .block_on(server::run(opts))

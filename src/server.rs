@@ -4,9 +4,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
-use crate::api::{self, ApiConfig, AppState};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_io_timeout::TimeoutStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiConfig, AppState, StreamConfig, StreamSlots};
 use crate::auth::Tokens;
 use crate::chain::Verifier;
 use crate::store::{DataDir, Store};
@@ -23,6 +27,9 @@ pub struct ServeOptions {
     pub auth: bool,
     pub max_events_per_request: usize,
     pub max_body_bytes: usize,
+    pub heartbeat: Duration,
+    pub max_connections: usize,
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +112,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     }
 
     let (writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
+    let shutdown = CancellationToken::new();
     let state = AppState {
         store: store.clone(),
         writer,
@@ -114,9 +122,14 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             max_events_per_request: opts.max_events_per_request,
             max_body_bytes: opts.max_body_bytes,
         }),
-        open_streams: Arc::new(AtomicUsize::new(0)),
+        streams: Arc::new(StreamSlots::new(opts.max_connections)),
+        stream: StreamConfig {
+            heartbeat: opts.heartbeat,
+            shutdown: shutdown.clone(),
+        },
+        stream_stats: Default::default(),
     };
-    let listener = tokio::net::TcpListener::bind(opts.listen)
+    let listener = TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServeError::Listen {
             addr: opts.listen,
@@ -124,8 +137,17 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         })?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "listening");
+    let listener = TimeoutListener {
+        inner: listener,
+        write_timeout: opts.write_timeout,
+    };
+    // Streams never end by themselves: the signal ends them (cleanly), and only then
+    // can the graceful shutdown finish their connections.
     axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(crate::shutdown::signal())
+        .with_graceful_shutdown(async move {
+            crate::shutdown::signal().await;
+            shutdown.cancel();
+        })
         .await?;
 
     // The router (and every Writer handle in it) is gone: the writer drains its queue.
@@ -141,4 +163,40 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         "stopped; all acknowledged events are on disk"
     );
     Ok(())
+}
+
+/// Accepts connections with a write timeout: a client that leaves a response unread for
+/// `--write-timeout` (its socket buffer full) is disconnected, so a stalled stream
+/// cannot pin memory or a connection slot; it resumes with `Last-Event-ID`.
+struct TimeoutListener {
+    inner: TcpListener,
+    write_timeout: Duration,
+}
+
+impl axum::serve::Listener for TimeoutListener {
+    type Io = std::pin::Pin<Box<TimeoutStream<TcpStream>>>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    // Small SSE frames must not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    let mut stream = TimeoutStream::new(stream);
+                    stream.set_write_timeout(Some(self.write_timeout));
+                    return (Box::pin(stream), addr);
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: wait instead of spinning, as axum does.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }

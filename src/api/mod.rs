@@ -7,17 +7,19 @@ mod error;
 mod ingest;
 mod ops;
 mod read;
+mod stream;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use axum::Router;
 use axum::routing::{get, post};
 
 pub use error::ApiError;
+pub use stream::{StreamConfig, StreamSlots};
 
 use crate::auth::Tokens;
 use crate::store::Store;
+use crate::subscription::StreamStats;
 use crate::writer::Writer;
 
 /// Limits and switches the API enforces.
@@ -36,12 +38,15 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     pub config: Arc<ApiConfig>,
     /// Open streams (SSE and WebSocket), for `/healthz` and `--max-connections`.
-    pub open_streams: Arc<AtomicUsize>,
+    pub streams: Arc<StreamSlots>,
+    pub stream: StreamConfig,
+    pub stream_stats: Arc<StreamStats>,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/events", post(ingest::append).get(read::query))
+        .route("/v1/events/stream", get(stream::stream))
         .route("/v1/events/{id}", get(read::event_by_id))
         .route("/v1/head", get(read::head))
         .route("/v1/export", get(read::export))

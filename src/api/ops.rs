@@ -1,7 +1,5 @@
 //! Operational routes and the 404/405 fallbacks.
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
@@ -14,7 +12,7 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({
         "status": "ok",
         "head": head_json(&state.store.head()),
-        "connections": state.open_streams.load(Ordering::Relaxed),
+        "connections": state.streams.open(),
     }))
 }
 

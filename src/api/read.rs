@@ -17,6 +17,7 @@ use crate::chain::Verifier;
 use crate::cursor::{self, Filter, TypeFilter};
 use crate::event::Event;
 use crate::store::{Head, Store};
+use crate::subscription::Selector;
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
@@ -78,13 +79,19 @@ impl Selection {
             allowed: caller.allowed_types.clone(),
         })
     }
+}
 
-    pub fn matches(&self, event: &Event) -> bool {
+impl Selector for Selection {
+    fn matches(&self, event: &Event) -> bool {
         self.filter.matches(event)
             && self
                 .allowed
                 .as_ref()
                 .is_none_or(|a| a.matches(&event.event_type))
+    }
+
+    fn is_filtered(&self) -> bool {
+        self.filter.types.is_some() || self.filter.source.is_some() || self.allowed.is_some()
     }
 }
 

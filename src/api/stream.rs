@@ -1,0 +1,246 @@
+//! `GET /v1/events/stream`: Server-Sent Events over a [`Subscription`].
+//!
+//! The body is a stream driven by the connection itself (no task per client), so an
+//! idle subscriber costs a receiver and a few buffers. A client that stops reading is
+//! cut off by the connection's write timeout (see `server::TimeoutListener`); the
+//! subscription then needs nothing from it to resume: `Last-Event-ID` does that.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio_util::sync::CancellationToken;
+use ulid::Ulid;
+
+use super::read::{Selection, head_json};
+use super::{ApiError, AppState};
+use crate::auth::{Caller, Role};
+use crate::cursor::{self, ZERO};
+use crate::event::Event;
+use crate::subscription::{Item, Selector, Subscription};
+
+/// Milliseconds an `EventSource` waits before reconnecting.
+const RETRY_MS: u32 = 2000;
+
+/// Open streams (SSE and WebSocket together) against `--max-connections`.
+#[derive(Debug)]
+pub struct StreamSlots {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl StreamSlots {
+    pub fn new(max: usize) -> StreamSlots {
+        StreamSlots {
+            open: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A slot, released when the guard drops; `None` when all are taken.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<SlotGuard> {
+        let previous = self.open.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(SlotGuard(self.clone()))
+    }
+}
+
+pub struct SlotGuard(Arc<StreamSlots>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Stream settings from `cairn serve`.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub heartbeat: Duration,
+    pub shutdown: CancellationToken,
+}
+
+fn too_many() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        "the server has reached --max-connections open streams; retry later",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    response
+}
+
+/// Where delivery starts: `Last-Event-ID` (non-empty) wins over `since`; else the head.
+fn start_cursor(
+    headers: &HeaderMap,
+    params: &HashMap<String, String>,
+    selection: &Selection,
+    head_id: Option<Ulid>,
+) -> Result<Ulid, ApiError> {
+    if let Some(value) = headers.get("last-event-id") {
+        let text = value
+            .to_str()
+            .map_err(|_| ApiError::bad_param("Last-Event-ID", "must be a ULID"))?
+            .trim();
+        if !text.is_empty() {
+            return cursor::parse_ulid(text).ok_or_else(|| {
+                ApiError::bad_param("Last-Event-ID", "must be a ULID (an event id)")
+            });
+        }
+    }
+    if params.contains_key("since") {
+        return Ok(selection.after);
+    }
+    Ok(head_id.unwrap_or(ZERO))
+}
+
+pub async fn stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Read)?;
+    let selection = Selection::from_params(&params, &caller)?;
+    let Some(slot) = state.streams.try_acquire() else {
+        return Ok(too_many());
+    };
+    let head = state.store.head();
+    let start = start_cursor(&headers, &params, &selection, head.id)?;
+    let filtered = selection.is_filtered();
+    let subscription = Subscription::new(
+        state.store.clone(),
+        &state.writer,
+        start,
+        Arc::new(selection),
+        state.stream_stats.clone(),
+    );
+
+    let connected = serde_json::json!({
+        "type": "connected",
+        "cursor": start.to_string(),
+        "head": head_json(&head),
+    });
+    let first = Bytes::from(format!(
+        "retry: {RETRY_MS}\nid: {start}\nevent: connected\ndata: {connected}\n\n"
+    ));
+    let body = SseBody {
+        subscription,
+        first: Some(first),
+        heartbeat: state.stream.heartbeat,
+        last_frame: Instant::now(),
+        sent_id: start,
+        filtered,
+        shutdown: state.stream.shutdown.clone(),
+        _slot: slot,
+    };
+    let stream = futures_util::stream::unfold(body, SseBody::next_frame);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+struct SseBody {
+    subscription: Subscription,
+    first: Option<Bytes>,
+    heartbeat: Duration,
+    last_frame: Instant,
+    /// The newest id the client has been sent (as an event or an `id:`-only frame).
+    sent_id: Ulid,
+    filtered: bool,
+    shutdown: CancellationToken,
+    _slot: SlotGuard,
+}
+
+type Frame = Result<Bytes, std::io::Error>;
+
+impl SseBody {
+    async fn next_frame(mut self) -> Option<(Frame, SseBody)> {
+        if let Some(first) = self.first.take() {
+            return Some((Ok(first), self));
+        }
+        loop {
+            let wait = self.heartbeat.saturating_sub(self.last_frame.elapsed());
+            let next = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return None,
+                next = self.subscription.next(wait) => next,
+            };
+            let frame = match next? {
+                Ok(Item::Events(events)) => {
+                    self.sent_id = events.last().map_or(self.sent_id, |e| e.id);
+                    event_frames(&events)
+                }
+                Ok(Item::Skipped(id)) => {
+                    if self.last_frame.elapsed() < self.heartbeat {
+                        continue;
+                    }
+                    self.sent_id = id;
+                    id_frame(id)
+                }
+                Ok(Item::Idle) => {
+                    let cursor = self.subscription.cursor();
+                    if self.filtered && cursor > self.sent_id {
+                        self.sent_id = cursor;
+                        id_frame(cursor)
+                    } else {
+                        Bytes::from_static(b": heartbeat\n\n")
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "stream aborted by a read error");
+                    return Some((Err(std::io::Error::other(e.to_string())), self));
+                }
+            };
+            self.last_frame = Instant::now();
+            return Some((Ok(frame), self));
+        }
+    }
+}
+
+fn id_frame(id: Ulid) -> Bytes {
+    Bytes::from(format!("id: {id}\n\n"))
+}
+
+/// `id:`, `event:` and `data:` lines for each event; types and JCS lines never hold
+/// CR or LF (JCS escapes them inside strings), so no field can be injected.
+fn event_frames(events: &[Event]) -> Bytes {
+    let size: usize = events
+        .iter()
+        .map(|e| e.line.len() + e.event_type.len() + 50)
+        .sum();
+    let mut out = BytesMut::with_capacity(size);
+    let mut id_buf = [0u8; ulid::ULID_LEN];
+    for e in events {
+        out.put_slice(b"id: ");
+        out.put_slice(e.id.array_to_str(&mut id_buf).as_bytes());
+        out.put_slice(b"\nevent: ");
+        out.put_slice(e.event_type.as_bytes());
+        out.put_slice(b"\ndata: ");
+        out.put_slice(e.line.as_bytes());
+        out.put_slice(b"\n\n");
+    }
+    out.freeze()
+}
