@@ -27,11 +27,13 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use ulid::Ulid;
 
 use crate::event::Event;
-use crate::store::{Store, StoreError};
+use crate::store::{Scan, Store, StoreError};
 use crate::writer::Writer;
 
-/// Most events one store read returns.
+/// Most events one store read returns. The first read of a replay returns few, so the
+/// first event goes out at once; later reads double up to this.
 const REPLAY_BATCH_EVENTS: usize = 2_000;
+const FIRST_REPLAY_BATCH_EVENTS: usize = 64;
 /// A store read stops early once its matching lines reach this many bytes.
 const REPLAY_BATCH_BYTES: usize = 1 << 20;
 
@@ -70,6 +72,9 @@ pub struct Subscription {
     /// Newest id scanned (the resume cursor).
     last_id: Ulid,
     replaying: bool,
+    /// The next store read, started while the previous batch is being sent.
+    read_ahead: Option<tokio::task::JoinHandle<Result<Batch, StoreError>>>,
+    batch_events: usize,
 }
 
 impl Subscription {
@@ -88,6 +93,8 @@ impl Subscription {
             stats,
             last_id: after,
             replaying: true,
+            read_ahead: None,
+            batch_events: FIRST_REPLAY_BATCH_EVENTS,
         }
     }
 
@@ -119,6 +126,8 @@ impl Subscription {
                     // Fresh receiver first, then read the log from the cursor.
                     self.live = self.live.resubscribe();
                     self.replaying = true;
+                    self.read_ahead = None;
+                    self.batch_events = FIRST_REPLAY_BATCH_EVENTS;
                     self.stats.catchups.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Err(RecvError::Closed)) => return None,
@@ -152,38 +161,77 @@ impl Subscription {
     }
 
     /// One bounded read from the store; `None` once the committed head is reached.
+    /// While the caller sends this batch, the next one is already being read.
     async fn replay_batch(&mut self) -> Result<Option<Item>, StoreError> {
+        let pending = match self.read_ahead.take() {
+            Some(pending) => pending,
+            None => self.spawn_read(None, self.last_id),
+        };
+        let (matching, last_scanned, scan) = pending
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("replay task failed: {e}")))??;
+        let Some(id) = last_scanned else {
+            return Ok(None);
+        };
+        self.last_id = id;
+        self.read_ahead = Some(self.spawn_read(scan, id));
+        Ok(Some(self.item(matching)))
+    }
+
+    fn spawn_read(
+        &mut self,
+        scan: Option<Scan>,
+        after: Ulid,
+    ) -> tokio::task::JoinHandle<Result<Batch, StoreError>> {
         let store = self.store.clone();
         let selector = self.selector.clone();
-        let after = self.last_id;
-        let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let mut matching = Vec::new();
-            let mut bytes = 0;
-            let mut last_scanned = None;
-            for (scanned, event) in store.scan_after(after)?.enumerate() {
+        let limit = self.batch_events;
+        self.batch_events = (limit * 2).min(REPLAY_BATCH_EVENTS);
+        tokio::task::spawn_blocking(move || read_batch(&store, scan, after, &*selector, limit))
+    }
+}
+
+type Batch = (Vec<Event>, Option<Ulid>, Option<Scan>);
+
+/// Reads up to `limit` matching events after `after`, continuing `scan` if there is one.
+/// A scan stops at the head it saw when opened; when it runs out, one fresh scan tells
+/// whether more was committed since. Returns the scan to continue with, if any.
+fn read_batch(
+    store: &Store,
+    scan: Option<Scan>,
+    after: Ulid,
+    selector: &dyn Selector,
+    limit: usize,
+) -> Result<Batch, StoreError> {
+    let mut matching = Vec::new();
+    let mut bytes = 0;
+    let mut last_scanned = None;
+    let mut scanned = 0;
+    let (mut scan, mut fresh) = match scan {
+        Some(scan) => (scan, false),
+        None => (store.scan_after(after)?, true),
+    };
+    loop {
+        match scan.next() {
+            Some(event) => {
                 let event = event?;
+                scanned += 1;
                 last_scanned = Some(event.id);
                 if selector.matches(&event) {
                     bytes += event.line.len();
                     matching.push(event);
                 }
-                if matching.len() >= REPLAY_BATCH_EVENTS
+                if matching.len() >= limit
                     || bytes >= REPLAY_BATCH_BYTES
-                    || scanned + 1 >= REPLAY_BATCH_EVENTS * 8
+                    || scanned >= REPLAY_BATCH_EVENTS * 8
                 {
-                    break;
+                    return Ok((matching, last_scanned, Some(scan)));
                 }
             }
-            Ok((matching, last_scanned))
-        })
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("replay task failed: {e}")))??;
-        let (matching, last_scanned) = read;
-        match last_scanned {
-            None => Ok(None),
-            Some(id) => {
-                self.last_id = id;
-                Ok(Some(self.item(matching)))
+            None if fresh || last_scanned.is_some() => return Ok((matching, last_scanned, None)),
+            None => {
+                scan = store.scan_after(after)?;
+                fresh = true;
             }
         }
     }
