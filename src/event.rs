@@ -15,15 +15,17 @@ use crate::ijson::{self, PathSeg};
 use crate::rfc3339;
 
 /// An event as stored and served. `line` is the JCS form of the whole event (the bytes
-/// every API emits); the other fields are kept beside it so that filters and cursors
-/// never parse JSON.
+/// every API emits), shared rather than copied: events read from the log are views into
+/// their decompressed chunk, and cloning one for each subscriber costs a reference
+/// count. The other fields are kept beside it so that filters and cursors never parse
+/// JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub id: Ulid,
     pub seq: u64,
     pub event_type: String,
     pub source: Option<String>,
-    pub line: String,
+    pub line: bytestring::ByteString,
 }
 
 /// A validated event waiting for the writer to give it an id, a seq and a hash.

@@ -41,6 +41,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
@@ -212,7 +213,7 @@ fn encode_chunk(events: &[Event]) -> Vec<u8> {
             seq: e.seq,
             event_type: e.event_type.as_str().into(),
             source: e.source.as_deref().map(Into::into),
-            line: e.line.as_str().into(),
+            line: (&*e.line).into(),
         })
         .collect();
     // Encoding plain structs into a Vec cannot fail.
@@ -228,21 +229,33 @@ fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
     if claimed > MAX_CHUNK_BYTES {
         return Err(StoreError::Corrupt(format!("chunk claims {claimed} bytes")));
     }
-    let plain = lz4_flex::decompress_size_prepended(bytes)
-        .map_err(|e| StoreError::Corrupt(format!("chunk does not decompress: {e}")))?;
+    let plain = bytes::Bytes::from(
+        lz4_flex::decompress_size_prepended(bytes)
+            .map_err(|e| StoreError::Corrupt(format!("chunk does not decompress: {e}")))?,
+    );
     let (stored, _): (Vec<StoredEvent<'_>>, usize) =
         bincode::serde::borrow_decode_from_slice(&plain, bincode_config())
             .map_err(|e| StoreError::Corrupt(format!("chunk does not decode: {e}")))?;
-    Ok(stored
+    stored
         .into_iter()
-        .map(|s| Event {
-            id: Ulid(s.id),
-            seq: s.seq,
-            event_type: s.event_type.into_owned(),
-            source: s.source.map(|c| c.into_owned()),
-            line: s.line.into_owned(),
+        .map(|s| {
+            // Lines are views into the decompressed chunk: no copy, no allocation each.
+            let line = match s.line {
+                std::borrow::Cow::Borrowed(line) => {
+                    ByteString::try_from(plain.slice_ref(line.as_bytes()))
+                        .map_err(|_| StoreError::Corrupt("event line is not UTF-8".into()))?
+                }
+                std::borrow::Cow::Owned(line) => line.into(),
+            };
+            Ok(Event {
+                id: Ulid(s.id),
+                seq: s.seq,
+                event_type: s.event_type.into_owned(),
+                source: s.source.map(|c| c.into_owned()),
+                line,
+            })
         })
-        .collect())
+        .collect()
 }
 
 fn event_key(id: Ulid) -> [u8; 17] {
@@ -768,7 +781,7 @@ mod tests {
                     seq,
                     event_type: "t".into(),
                     source: None,
-                    line,
+                    line: line.into(),
                 }
             })
             .collect()

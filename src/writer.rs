@@ -290,7 +290,7 @@ impl WriterState {
                     seq,
                     event_type: new.event_type,
                     source: new.source,
-                    line,
+                    line: line.into(),
                 });
                 self.head = Head {
                     seq,

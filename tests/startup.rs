@@ -18,7 +18,7 @@ fn tamper(data: &std::path::Path, seq: u64, edit: impl Fn(&str) -> String) {
         .collect::<Result<_, _>>()
         .expect("read");
     let target = events.iter_mut().find(|e| e.seq == seq).expect("event");
-    target.line = edit(&target.line);
+    target.line = edit(&target.line).into();
     // A small first request of a fresh log is stored as one chunk keyed by its first id,
     // so writing the events again replaces it.
     let mut batch = CommitBatch::default();

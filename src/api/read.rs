@@ -217,7 +217,7 @@ pub async fn event_by_id(
                 .is_none_or(|a| a.matches(&e.event_type))
         })
         .ok_or_else(not_found)?;
-    let body = format!("{{\"data\":{}}}", event.line);
+    let body = format!("{{\"data\":{}}}", &*event.line);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 

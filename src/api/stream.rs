@@ -148,6 +148,7 @@ pub async fn stream(
         sent_id: start,
         filtered,
         shutdown: state.stream.shutdown.clone(),
+        frames: BytesMut::new(),
         _slot: slot,
     };
     let stream = futures_util::stream::unfold(body, SseBody::next_frame);
@@ -171,6 +172,9 @@ struct SseBody {
     sent_id: Ulid,
     filtered: bool,
     shutdown: CancellationToken,
+    /// Reused for each batch's frames: once hyper has written (and dropped) the last
+    /// batch, its allocation is taken back instead of faulting in a fresh one.
+    frames: BytesMut,
     _slot: SlotGuard,
 }
 
@@ -191,7 +195,7 @@ impl SseBody {
             let frame = match next? {
                 Ok(Item::Events(events)) => {
                     self.sent_id = events.last().map_or(self.sent_id, |e| e.id);
-                    event_frames(&events)
+                    event_frames(&mut self.frames, &events)
                 }
                 Ok(Item::Skipped(id)) => {
                     if self.last_frame.elapsed() < self.heartbeat {
@@ -226,12 +230,12 @@ fn id_frame(id: Ulid) -> Bytes {
 
 /// `id:`, `event:` and `data:` lines for each event; types and JCS lines never hold
 /// CR or LF (JCS escapes them inside strings), so no field can be injected.
-fn event_frames(events: &[Event]) -> Bytes {
+fn event_frames(out: &mut BytesMut, events: &[Event]) -> Bytes {
     let size: usize = events
         .iter()
         .map(|e| e.line.len() + e.event_type.len() + 50)
         .sum();
-    let mut out = BytesMut::with_capacity(size);
+    out.reserve(size);
     let mut id_buf = [0u8; ulid::ULID_LEN];
     for e in events {
         out.put_slice(b"id: ");
@@ -242,5 +246,5 @@ fn event_frames(events: &[Event]) -> Bytes {
         out.put_slice(e.line.as_bytes());
         out.put_slice(b"\n\n");
     }
-    out.freeze()
+    out.split().freeze()
 }
