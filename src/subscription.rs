@@ -19,9 +19,10 @@
 //! and goes back to replaying from `last_id` out of the store, then rejoins live. Store
 //! reads are batched, so memory per subscription stays bounded whatever the client does.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 
 use tokio::sync::broadcast::{self, error::RecvError};
 use ulid::Ulid;
@@ -45,15 +46,39 @@ pub trait Selector: Send + Sync + 'static {
     fn is_filtered(&self) -> bool;
 }
 
+/// One group commit as the writer publishes it, once durable.
+#[derive(Debug)]
+pub struct Committed {
+    pub events: Vec<Event>,
+    /// The batch's wire form, encoded once by the first subscriber that needs it and
+    /// shared by all others (fan-out then costs each subscriber one write, not an
+    /// encoding).
+    encoded: OnceLock<Bytes>,
+}
+
+impl Committed {
+    pub fn new(events: Vec<Event>) -> Committed {
+        Committed {
+            events,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The encoded batch; every caller must pass the same `encode`.
+    pub fn encoded(&self, encode: impl FnOnce(&[Event]) -> Bytes) -> Bytes {
+        self.encoded.get_or_init(|| encode(&self.events)).clone()
+    }
+}
+
 /// What the subscription has for its reader.
 #[derive(Debug)]
 pub enum Item {
     /// Matching events, in log order (never empty).
     Events(Vec<Event>),
+    /// A whole live batch, all of it new and all of it wanted: send it shared.
+    Batch(Arc<Committed>),
     /// Events up to and including this id were scanned and none matched.
     Skipped(Ulid),
-    /// Nothing happened for the idle interval.
-    Idle,
 }
 
 /// Counters shared by every subscription of a server.
@@ -66,7 +91,7 @@ pub struct StreamStats {
 
 pub struct Subscription {
     store: Arc<Store>,
-    live: broadcast::Receiver<Arc<[Event]>>,
+    live: broadcast::Receiver<Arc<Committed>>,
     selector: Arc<dyn Selector>,
     stats: Arc<StreamStats>,
     /// Newest id scanned (the resume cursor).
@@ -103,9 +128,10 @@ impl Subscription {
         self.last_id
     }
 
-    /// Next item; waits at most `idle` for live events (then returns [`Item::Idle`]).
-    /// `None` when the server is shutting down. Cancel-safe only while live.
-    pub async fn next(&mut self, idle: Duration) -> Option<Result<Item, StoreError>> {
+    /// Next item, waiting for live events once the log is replayed; `None` when the
+    /// server shuts down. Cancel-safe: state changes only after an await completes (a
+    /// cancelled store read is simply read again).
+    pub async fn next(&mut self) -> Option<Result<Item, StoreError>> {
         loop {
             if self.replaying {
                 match self.replay_batch().await {
@@ -115,14 +141,13 @@ impl Subscription {
                 }
                 continue;
             }
-            match tokio::time::timeout(idle, self.live.recv()).await {
-                Err(_) => return Some(Ok(Item::Idle)),
-                Ok(Ok(batch)) => {
-                    if let Some(item) = self.take_live(&batch) {
+            match self.live.recv().await {
+                Ok(batch) => {
+                    if let Some(item) = self.take_live(batch) {
                         return Some(Ok(item));
                     }
                 }
-                Ok(Err(RecvError::Lagged(_))) => {
+                Err(RecvError::Lagged(_)) => {
                     // Fresh receiver first, then read the log from the cursor.
                     self.live = self.live.resubscribe();
                     self.replaying = true;
@@ -130,17 +155,25 @@ impl Subscription {
                     self.batch_events = FIRST_REPLAY_BATCH_EVENTS;
                     self.stats.catchups.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Err(RecvError::Closed)) => return None,
+                Err(RecvError::Closed) => return None,
             }
         }
     }
 
-    fn take_live(&mut self, batch: &[Event]) -> Option<Item> {
-        let last = batch.last()?;
+    fn take_live(&mut self, batch: Arc<Committed>) -> Option<Item> {
+        let (first, last) = (batch.events.first()?, batch.events.last()?);
         if last.id <= self.last_id {
             return None;
         }
+        if first.id > self.last_id && !self.selector.is_filtered() {
+            self.last_id = last.id;
+            self.stats
+                .delivered
+                .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+            return Some(Item::Batch(batch));
+        }
         let matching: Vec<Event> = batch
+            .events
             .iter()
             .filter(|e| e.id > self.last_id && self.selector.matches(e))
             .cloned()

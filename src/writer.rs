@@ -32,6 +32,7 @@ use crate::chain::{self, RecordParts};
 use crate::event::{Event, NewEvent};
 use crate::rfc3339;
 use crate::store::{CommitBatch, Head, IdempotencyRecord, Store};
+use crate::subscription::Committed;
 
 /// How long idempotency keys are kept (SPEC: at least 24 h).
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -95,7 +96,7 @@ struct Request {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Request>,
-    events: broadcast::Sender<Arc<[Event]>>,
+    events: broadcast::Sender<Arc<Committed>>,
     failed: Arc<AtomicBool>,
 }
 
@@ -154,7 +155,7 @@ impl Writer {
     }
 
     /// Live feed of committed events, one message per group commit, in log order.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<[Event]>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
         self.events.subscribe()
     }
 }
@@ -174,7 +175,7 @@ fn now_unix_ms() -> u64 {
 /// One group commit, applied and waiting to be made durable.
 struct Group {
     head: Head,
-    events: Arc<[Event]>,
+    events: Vec<Event>,
     replies: Vec<(Reply, Result<Appended, AppendError>)>,
 }
 
@@ -183,7 +184,7 @@ struct WriterState {
     head: Head,
     sync: SyncMode,
     rx: mpsc::Receiver<Request>,
-    events: broadcast::Sender<Arc<[Event]>>,
+    events: broadcast::Sender<Arc<Committed>>,
     failed: Arc<AtomicBool>,
     last_prune: Option<Instant>,
 }
@@ -341,7 +342,7 @@ impl WriterState {
         }
         Group {
             head: self.head.clone(),
-            events: all_events.into(),
+            events: all_events,
             replies,
         }
     }
@@ -368,7 +369,7 @@ impl WriterState {
         }
         if durable && !group.events.is_empty() {
             // No subscribers is fine: send only fails when nobody listens.
-            let _ = self.events.send(group.events);
+            let _ = self.events.send(Arc::new(Committed::new(group.events)));
         }
     }
 

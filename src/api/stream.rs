@@ -24,6 +24,8 @@ use crate::auth::{Caller, Role};
 use crate::cursor::{self, ZERO};
 use crate::event::Event;
 use crate::subscription::{Item, Selector, Subscription};
+use std::pin::Pin;
+use tokio::time::Sleep;
 
 /// Milliseconds an `EventSource` waits before reconnecting.
 const RETRY_MS: u32 = 2000;
@@ -149,6 +151,7 @@ pub async fn stream(
         filtered,
         shutdown: state.stream.shutdown.clone(),
         frames: BytesMut::new(),
+        timer: Box::pin(tokio::time::sleep(state.stream.heartbeat)),
         _slot: slot,
     };
     let stream = futures_util::stream::unfold(body, SseBody::next_frame);
@@ -175,6 +178,9 @@ struct SseBody {
     /// Reused for each batch's frames: once hyper has written (and dropped) the last
     /// batch, its allocation is taken back instead of faulting in a fresh one.
     frames: BytesMut,
+    /// Fires at most once per heartbeat interval (re-armed lazily from `last_frame`),
+    /// instead of a timer per event.
+    timer: Pin<Box<Sleep>>,
     _slot: SlotGuard,
 }
 
@@ -186,40 +192,58 @@ impl SseBody {
             return Some((Ok(first), self));
         }
         loop {
-            let wait = self.heartbeat.saturating_sub(self.last_frame.elapsed());
             let next = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return None,
-                next = self.subscription.next(wait) => next,
+                () = self.timer.as_mut() => None,
+                next = self.subscription.next() => Some(next?),
             };
-            let frame = match next? {
-                Ok(Item::Events(events)) => {
+            let frame = match next {
+                None => {
+                    let due = self.last_frame + self.heartbeat;
+                    if Instant::now() < due {
+                        self.timer.as_mut().reset(due.into());
+                        continue;
+                    }
+                    self.timer
+                        .as_mut()
+                        .reset((Instant::now() + self.heartbeat).into());
+                    self.heartbeat_frame()
+                }
+                Some(Ok(Item::Batch(batch))) => {
+                    self.sent_id = batch.events.last().map_or(self.sent_id, |e| e.id);
+                    batch.encoded(|events| event_frames(&mut BytesMut::new(), events))
+                }
+                Some(Ok(Item::Events(events))) => {
                     self.sent_id = events.last().map_or(self.sent_id, |e| e.id);
                     event_frames(&mut self.frames, &events)
                 }
-                Ok(Item::Skipped(id)) => {
+                Some(Ok(Item::Skipped(id))) => {
                     if self.last_frame.elapsed() < self.heartbeat {
                         continue;
                     }
                     self.sent_id = id;
                     id_frame(id)
                 }
-                Ok(Item::Idle) => {
-                    let cursor = self.subscription.cursor();
-                    if self.filtered && cursor > self.sent_id {
-                        self.sent_id = cursor;
-                        id_frame(cursor)
-                    } else {
-                        Bytes::from_static(b": heartbeat\n\n")
-                    }
-                }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::error!(error = %e, "stream aborted by a read error");
                     return Some((Err(std::io::Error::other(e.to_string())), self));
                 }
             };
             self.last_frame = Instant::now();
             return Some((Ok(frame), self));
+        }
+    }
+
+    /// `: heartbeat`, or on a filtered stream that scanned past events the client was
+    /// not sent, an `id:`-only frame so a reconnect skips them.
+    fn heartbeat_frame(&mut self) -> Bytes {
+        let cursor = self.subscription.cursor();
+        if self.filtered && cursor > self.sent_id {
+            self.sent_id = cursor;
+            id_frame(cursor)
+        } else {
+            Bytes::from_static(b": heartbeat\n\n")
         }
     }
 }
