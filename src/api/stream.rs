@@ -119,6 +119,12 @@ pub async fn stream(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
+    if params.contains_key("until") {
+        return Err(ApiError::bad_param(
+            "until",
+            "is not supported on streams (a stream continues live); use /v1/export",
+        ));
+    }
     let selection = Selection::from_params(&params, &caller)?;
     let Some(slot) = state.streams.try_acquire() else {
         return Ok(too_many());
