@@ -219,12 +219,21 @@ impl Verifier {
 
     /// Checks the next line; `position` (1-based) names the line when it cannot be parsed.
     pub fn push(&mut self, line: &[u8]) -> Result<(), ChainBreak> {
-        let expected_seq = self.last.map(|(seq, _, _)| seq + 1);
-        let info = inspect_line(line).map_err(|reason| ChainBreak {
-            seq: expected_seq.unwrap_or(1),
-            reason,
-        })?;
-        self.push_info(&info)
+        self.push_inspected(inspect_line(line))
+    }
+
+    /// Checks the result of [`inspect_line`] (which callers may run in parallel).
+    pub fn push_inspected(
+        &mut self,
+        inspected: Result<LineInfo, String>,
+    ) -> Result<(), ChainBreak> {
+        match inspected {
+            Ok(info) => self.push_info(&info),
+            Err(reason) => Err(ChainBreak {
+                seq: self.last.map_or(1, |(seq, _, _)| seq + 1),
+                reason,
+            }),
+        }
     }
 
     /// Checks an already inspected line.
