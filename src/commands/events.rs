@@ -4,12 +4,13 @@
 //! stream and reconnects by itself with `Last-Event-ID` (backoff with jitter), so a
 //! dropped connection never loses or repeats an event. With `--cursor-file`, stdout is
 //! flushed and then the last delivered id is written back atomically (temp file +
-//! rename) after each batch, so a cron job picks up exactly where the last run ended.
+//! rename) after each batch and when SIGINT/SIGTERM stops the run, so a cron job picks
+//! up exactly where the last run ended.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -17,8 +18,6 @@ use serde::Deserialize;
 use crate::cli::EventsArgs;
 use crate::cursor;
 
-/// The cursor file is rewritten at most this often while events flow.
-const CURSOR_WRITE_EVERY: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub fn run(args: &EventsArgs) -> Result<ExitCode, String> {
@@ -121,7 +120,6 @@ struct Output {
     /// The id delivery continues after (the last event, or the stream's start cursor).
     last_id: Option<String>,
     written_id: Option<String>,
-    last_write: Instant,
     delivered: u64,
 }
 
@@ -136,20 +134,36 @@ impl Output {
         Ok(())
     }
 
-    /// Ends a batch: flush stdout, then (at most every 200 ms unless `force`) the cursor.
-    fn batch_done(&mut self, force: bool) -> Result<(), String> {
+    /// Ends a batch: flush stdout, then write the cursor back (so the file never runs
+    /// ahead of what was printed).
+    fn batch_done(&mut self) -> Result<(), String> {
         self.out
             .flush()
             .map_err(|e| format!("cannot write stdout: {e}"))?;
         if let (Some(path), Some(id)) = (&self.cursor_file, &self.last_id)
             && self.written_id.as_ref() != Some(id)
-            && (force || self.last_write.elapsed() >= CURSOR_WRITE_EVERY)
         {
             write_cursor_file(path, id)?;
             self.written_id = Some(id.clone());
-            self.last_write = Instant::now();
         }
         Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM: the run then stops between two complete events and
+/// still flushes stdout and writes the cursor.
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
     }
 }
 
@@ -164,19 +178,21 @@ async fn run_async(args: &EventsArgs) -> Result<ExitCode, String> {
         cursor_file: args.cursor_file.clone(),
         last_id: None,
         written_id: None,
-        last_write: Instant::now(),
         delivered: 0,
     };
     let since = start(args)?;
-    let result = if args.follow {
-        tokio::select! {
-            r = follow(&http, &base, args, since, &mut output) => r,
-            _ = tokio::signal::ctrl_c() => Ok(()),
-        }
-    } else {
-        backfill(&http, &base, args, since.as_deref(), &mut output).await
+    // Output::event never awaits, so a signal only ever lands between complete events.
+    let result = tokio::select! {
+        r = async {
+            if args.follow {
+                follow(&http, &base, args, since, &mut output).await
+            } else {
+                backfill(&http, &base, args, since.as_deref(), &mut output).await
+            }
+        } => r,
+        () = stop_signal() => Ok(()),
     };
-    let flushed = output.batch_done(true);
+    let flushed = output.batch_done();
     eprintln!("{} events", output.delivered);
     result.and(flushed).map(|()| ExitCode::SUCCESS)
 }
@@ -238,7 +254,7 @@ async fn backfill(
             output.event(&id, line)?;
         }
         pending.drain(..complete);
-        output.batch_done(false)?;
+        output.batch_done()?;
     }
     if !pending.is_empty() {
         return Err("the export ended in the middle of a line".into());
@@ -283,7 +299,7 @@ async fn follow(
             Ok(false) => eprintln!("stream ended; reconnecting"),
             Err(e) => eprintln!("{e}; reconnecting in {backoff:?}"),
         }
-        output.batch_done(true)?;
+        output.batch_done()?;
         let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
         tokio::time::sleep(backoff / 2 + jitter).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -304,7 +320,7 @@ async fn read_stream(
         let frame = match futures_util::FutureExt::now_or_never(frames.next()) {
             Some(frame) => frame,
             None => {
-                output.batch_done(false)?;
+                output.batch_done()?;
                 frames.next().await
             }
         };
