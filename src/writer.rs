@@ -4,8 +4,8 @@
 //! ULID generator and the idempotency check. It takes every request that is waiting,
 //! gives each event its id, seq and hash (`chain::seal`), packs the events into chunks,
 //! applies them as one atomic sled batch, makes them durable with one flush, marks them
-//! committed in the store, answers every request of the group and publishes the events
-//! on the broadcast channel. Requests that arrive during the flush form the next group:
+//! committed in the store, answers every request of the group and hands the events to
+//! the publisher thread, which broadcasts them to live subscribers. Requests that arrive during the flush form the next group:
 //! that is the group commit.
 //!
 //! A separate syncer thread (pipelining the next group's CPU work with this group's
@@ -100,13 +100,17 @@ pub struct Writer {
     failed: Arc<AtomicBool>,
 }
 
-/// Joins the writer thread once every [`Writer`] handle is dropped.
-pub struct WriterThread(JoinHandle<()>);
+/// Joins the writer (and publisher) threads once every [`Writer`] handle is dropped.
+pub struct WriterThread {
+    writer: JoinHandle<()>,
+    publisher: JoinHandle<()>,
+}
 
 impl WriterThread {
-    /// Waits until every queued request is applied, flushed and answered.
+    /// Waits until every queued request is applied, flushed, answered and published.
     pub fn join(self) {
-        let _ = self.0.join();
+        let _ = self.writer.join();
+        let _ = self.publisher.join();
     }
 }
 
@@ -116,19 +120,27 @@ impl Writer {
         let (tx, rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let failed = Arc::new(AtomicBool::new(false));
+        let (publish, to_publish) = std::sync::mpsc::channel();
         let state = WriterState {
             head: store.head(),
             store,
             sync,
             rx,
-            events: events.clone(),
+            publish,
             failed: failed.clone(),
             last_prune: None,
         };
-        let thread = std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
             .spawn(move || state.run())?;
-        Ok((Writer { tx, events, failed }, WriterThread(thread)))
+        let live = events.clone();
+        let publisher = std::thread::Builder::new()
+            .name("cairn-publisher".into())
+            .spawn(move || publish_committed(to_publish, live))?;
+        Ok((
+            Writer { tx, events, failed },
+            WriterThread { writer, publisher },
+        ))
     }
 
     /// Appends `events` atomically, in order; resolves once they are durable.
@@ -184,9 +196,33 @@ struct WriterState {
     head: Head,
     sync: SyncMode,
     rx: mpsc::Receiver<Request>,
-    events: broadcast::Sender<Arc<Committed>>,
+    /// Committed groups, in log order, for the publisher thread.
+    publish: std::sync::mpsc::Sender<Vec<Event>>,
     failed: Arc<AtomicBool>,
     last_prune: Option<Instant>,
+}
+
+/// Most events merged into one broadcast message.
+const MAX_PUBLISH_EVENTS: usize = 10_000;
+
+/// Broadcasts committed groups to the live subscribers. `send` wakes every waiting
+/// subscriber, which with a thousand of them costs about a millisecond: done here, off
+/// the writer thread, and with every group that queued up meanwhile merged into one
+/// message, so the cost per event falls as the load rises instead of capping ingest.
+fn publish_committed(
+    groups: std::sync::mpsc::Receiver<Vec<Event>>,
+    live: broadcast::Sender<Arc<Committed>>,
+) {
+    while let Ok(mut merged) = groups.recv() {
+        while merged.len() < MAX_PUBLISH_EVENTS {
+            match groups.try_recv() {
+                Ok(more) => merged.extend(more),
+                Err(_) => break,
+            }
+        }
+        // No subscribers is fine: send only fails when nobody listens.
+        let _ = live.send(Arc::new(Committed::new(merged)));
+    }
 }
 
 /// Next ULID: the current time with fresh randomness, or one more than the previous id
@@ -368,8 +404,8 @@ impl WriterState {
             let _ = reply.send(outcome);
         }
         if durable && !group.events.is_empty() {
-            // No subscribers is fine: send only fails when nobody listens.
-            let _ = self.events.send(Arc::new(Committed::new(group.events)));
+            // Committed (above) before published: subscriptions rely on that order.
+            let _ = self.publish.send(group.events);
         }
     }
 
