@@ -377,17 +377,6 @@ pub fn jcs(value: &Value) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// The canonical form through the `canon-json` crate alone (for tests and checks).
-pub fn jcs_reference(value: &Value) -> String {
-    let mut out = Vec::new();
-    let mut ser =
-        serde_json::Serializer::with_formatter(&mut out, canon_json::CanonicalFormatter::new());
-    if value.serialize(&mut ser).is_err() {
-        return "null".into();
-    }
-    String::from_utf8(out).unwrap_or_default()
-}
-
 /// True when plain serde_json output equals JCS for `value` (see [`jcs`]).
 fn serde_json_writes_jcs(value: &Value) -> bool {
     match value {
@@ -397,5 +386,84 @@ fn serde_json_writes_jcs(value: &Value) -> bool {
         Value::Object(map) => map
             .iter()
             .all(|(k, v)| !k.chars().any(|c| c >= '\u{E000}') && serde_json_writes_jcs(v)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn reference(value: &Value) -> String {
+        let mut out = Vec::new();
+        let mut ser =
+            serde_json::Serializer::with_formatter(&mut out, canon_json::CanonicalFormatter::new());
+        value.serialize(&mut ser).expect("serialize");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    fn random_string(rng: &mut StdRng) -> String {
+        // ASCII, escapes, controls, BMP below and above U+E000, and astral characters:
+        // the last two are where UTF-8 and UTF-16 key orders differ.
+        const POOL: &[char] = &[
+            'a',
+            'b',
+            'Z',
+            '0',
+            ' ',
+            '"',
+            '\\',
+            '/',
+            '\n',
+            '\u{1}',
+            '\u{1f}',
+            '\u{7f}',
+            'é',
+            '\u{2028}',
+            '\u{d7ff}',
+            '\u{e000}',
+            '\u{fb01}',
+            '\u{ffff}',
+            '\u{10000}',
+            '😀',
+        ];
+        (0..rng.random_range(0..6))
+            .map(|_| POOL[rng.random_range(0..POOL.len())])
+            .collect()
+    }
+
+    fn random_value(rng: &mut StdRng, depth: u32) -> Value {
+        match rng.random_range(0..if depth > 3 { 5 } else { 7 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.random()),
+            2 => Value::from(rng.random_range(-(1i64 << 53) + 1..1i64 << 53)),
+            3 => Value::from([0.5, -0.0, 1e21, 1e-7, 123.456, 5e-324][rng.random_range(0..6)]),
+            4 => Value::String(random_string(rng)),
+            5 => Value::Array(
+                (0..rng.random_range(0..4))
+                    .map(|_| random_value(rng, depth + 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.random_range(0..5))
+                    .map(|_| (random_string(rng), random_value(rng, depth + 1)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The fast path (plain serde_json) must write exactly what the JCS crate writes;
+    /// it fails if the U+E000 key check in `serde_json_writes_jcs` is removed.
+    #[test]
+    fn fast_path_equals_canon_json() {
+        let mut rng = StdRng::seed_from_u64(8785);
+        let mut fast = 0;
+        for _ in 0..20_000 {
+            let value = random_value(&mut rng, 0);
+            fast += usize::from(serde_json_writes_jcs(&value));
+            assert_eq!(jcs(&value), reference(&value), "{value:?}");
+        }
+        assert!(fast > 5_000, "only {fast} values took the fast path");
     }
 }

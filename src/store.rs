@@ -646,12 +646,6 @@ impl Store {
         self.tokens.insert(id.as_bytes(), record)?;
         self.sync()
     }
-
-    pub fn remove_token_record(&self, id: &str) -> Result<bool> {
-        let existed = self.tokens.remove(id.as_bytes())?.is_some();
-        self.sync()?;
-        Ok(existed)
-    }
 }
 
 enum ScanFrom {
@@ -678,11 +672,6 @@ impl Scan {
             head_seq,
             done: false,
         }
-    }
-
-    /// The seq the scan stops after (the committed head when it was created).
-    pub fn head_seq(&self) -> u64 {
-        self.head_seq
     }
 }
 
