@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::cursor::TypeFilter;
 use crate::store::{Store, StoreError};
 
@@ -57,6 +59,8 @@ pub struct Caller {
     pub role: Role,
     /// The token's allow-list, if it has one.
     pub allowed_types: Option<Arc<TypeFilter>>,
+    /// Cancelled when the token is revoked: open streams watch it and close.
+    pub revoked: CancellationToken,
 }
 
 impl Caller {
@@ -66,8 +70,49 @@ impl Caller {
             token_id: "-".into(),
             role: Role::Admin,
             allowed_types: None,
+            revoked: CancellationToken::new(),
         }
     }
+}
+
+/// Why a token request was refused (each names the field).
+#[derive(Debug, thiserror::Error)]
+#[error("{field} {message}")]
+pub struct InvalidToken {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Checks a token's name and allow-list before it is created.
+pub fn validate_new_token(name: &str, types: Option<&[String]>) -> Result<(), InvalidToken> {
+    let chars = name.chars().count();
+    if chars == 0 || chars > 128 || name.chars().any(char::is_control) {
+        return Err(InvalidToken {
+            field: "name",
+            message: "must be 1–128 characters without control characters".into(),
+        });
+    }
+    if let Some(types) = types {
+        if types.is_empty() {
+            return Err(InvalidToken {
+                field: "types",
+                message: "must not be empty (leave it out, or null, for no allow-list)".into(),
+            });
+        }
+        for t in types {
+            if t.contains(',') {
+                return Err(InvalidToken {
+                    field: "types",
+                    message: format!("entry \"{t}\" must be one type or prefix* pattern"),
+                });
+            }
+            TypeFilter::parse(t).map_err(|m| InvalidToken {
+                field: "types",
+                message: m,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +131,7 @@ pub enum AuthError {
 struct Entry {
     record: TokenRecord,
     allowed_types: Option<Arc<TypeFilter>>,
+    revoked: CancellationToken,
 }
 
 pub struct Tokens {
@@ -106,6 +152,7 @@ fn entry(record: TokenRecord) -> Entry {
     Entry {
         record,
         allowed_types,
+        revoked: CancellationToken::new(),
     }
 }
 
@@ -174,10 +221,34 @@ impl Tokens {
                 token_id: entry.record.id.clone(),
                 role: entry.record.role,
                 allowed_types: entry.allowed_types.clone(),
+                revoked: entry.revoked.clone(),
             })
         } else {
             None
         }
+    }
+
+    /// Every token, oldest first.
+    pub fn list(&self) -> Vec<TokenRecord> {
+        let mut all: Vec<TokenRecord> = self
+            .by_id
+            .read()
+            .map(|m| m.values().map(|e| e.record.clone()).collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        all
+    }
+
+    /// Revokes a token at once: it no longer authenticates, and its open streams are
+    /// told to close. `false` if there is no such token.
+    pub fn revoke(&self, id: &str) -> Result<bool, AuthError> {
+        if !self.store.remove_token_record(id)? {
+            return Ok(false);
+        }
+        if let Some(entry) = self.by_id.write().ok().and_then(|mut m| m.remove(id)) {
+            entry.revoked.cancel();
+        }
+        Ok(true)
     }
 
     /// Creates the first admin token and writes it to `path` (mode 0600).

@@ -31,6 +31,43 @@ pub enum Command {
     Events(EventsArgs),
     /// Re-derive the hash chain of an export file, a server or a data directory.
     Verify(VerifyArgs),
+    /// Create, list or revoke tokens: on a stopped server's data directory, or with
+    /// --url and an admin token on a running one.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub action: TokenAction,
+    /// Data directory to work on offline (the server must be stopped); default `data`.
+    /// Given explicitly, it wins over CAIRN_URL.
+    #[arg(long, global = true)]
+    pub data: Option<PathBuf>,
+    /// A running server: work through its API instead (needs an admin token).
+    #[arg(long, global = true, env = "CAIRN_URL")]
+    pub url: Option<String>,
+    /// Admin token for --url.
+    #[arg(long, global = true, env = "CAIRN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token and print its secret (shown only this once) alone on stdout.
+    Create {
+        #[arg(long, value_enum)]
+        role: crate::auth::Role,
+        #[arg(long)]
+        name: String,
+        /// Allow-list: comma list of types and `prefix*` patterns.
+        #[arg(long, value_delimiter = ',')]
+        types: Option<Vec<String>>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token at once; its open streams close.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

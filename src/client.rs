@@ -46,6 +46,16 @@ impl Client {
         checked(response, &url)
     }
 
+    /// DELETE `path`; any non-2xx status becomes an error message.
+    pub fn delete(&self, path: &str) -> Result<(), String> {
+        let url = self.url(path);
+        let response = self
+            .authorized(self.http.delete(&url))
+            .send()
+            .map_err(|e| format!("cannot reach {}: {}", self.base, root_cause(&e)))?;
+        checked(response, &url).map(|_| ())
+    }
+
     /// POST a body with a content type; returns the response JSON.
     pub fn post(
         &self,

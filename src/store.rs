@@ -646,6 +646,13 @@ impl Store {
         self.tokens.insert(id.as_bytes(), record)?;
         self.sync()
     }
+
+    /// Removes a token record durably; `false` if there was none.
+    pub fn remove_token_record(&self, id: &str) -> Result<bool> {
+        let existed = self.tokens.remove(id.as_bytes())?.is_some();
+        self.sync()?;
+        Ok(existed)
+    }
 }
 
 enum ScanFrom {

@@ -8,6 +8,7 @@ mod ingest;
 mod ops;
 mod read;
 mod stream;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -51,8 +52,72 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/head", get(read::head))
         .route("/v1/export", get(read::export))
         .route("/v1/verify", get(read::verify))
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route("/healthz", get(ops::healthz))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Logs each request at debug level. Tokens never reach the log: a `?token=` in the URI
+/// is replaced before it is written (and `Authorization` is never logged).
+async fn log_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let uri = redact_token(request.uri());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        uri,
+        status = response.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+/// The path and query with the value of every `token` parameter replaced.
+pub fn redact_token(uri: &axum::http::Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.path().to_string();
+    };
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            // Decode the key as authentication does, so `tok%65n=` is caught too.
+            let key = serde_urlencoded::from_str::<Vec<(String, String)>>(pair)
+                .ok()
+                .and_then(|pairs| pairs.into_iter().next())
+                .map(|(key, _)| key);
+            if key.as_deref() == Some("token") {
+                "token=REDACTED".to_string()
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect();
+    format!("{}?{}", uri.path(), redacted.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_token;
+
+    #[test]
+    fn token_values_are_redacted_from_logged_uris() {
+        let uri: axum::http::Uri = "/v1/events/stream?since=earliest&token=cairn_ab_secret&tok%65n=cairn_cd_secret2&types=a"
+            .parse()
+            .expect("uri");
+        let logged = redact_token(&uri);
+        assert!(!logged.contains("secret"), "{logged}");
+        assert_eq!(
+            logged,
+            "/v1/events/stream?since=earliest&token=REDACTED&token=REDACTED&types=a"
+        );
+    }
 }

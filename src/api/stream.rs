@@ -156,6 +156,7 @@ pub async fn stream(
         sent_id: start,
         filtered,
         shutdown: state.stream.shutdown.clone(),
+        revoked: caller.revoked.clone(),
         frames: BytesMut::new(),
         timer: Box::pin(tokio::time::sleep(state.stream.heartbeat)),
         _slot: slot,
@@ -181,6 +182,8 @@ struct SseBody {
     sent_id: Ulid,
     filtered: bool,
     shutdown: CancellationToken,
+    /// The caller's token was revoked: close at once.
+    revoked: CancellationToken,
     /// Reused for each batch's frames: once hyper has written (and dropped) the last
     /// batch, its allocation is taken back instead of faulting in a fresh one.
     frames: BytesMut,
@@ -201,6 +204,7 @@ impl SseBody {
             let next = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return None,
+                () = self.revoked.cancelled() => return None,
                 () = self.timer.as_mut() => None,
                 next = self.subscription.next() => Some(next?),
             };

@@ -3,6 +3,7 @@
 pub mod append;
 pub mod events;
 pub mod export;
+pub mod token;
 pub mod verify;
 
 /// Reports progress on stderr at most once a second, and only to a terminal.
