@@ -20,11 +20,36 @@ pub fn run(args: &TokenArgs) -> Result<ExitCode, String> {
     .map(|()| ExitCode::SUCCESS)
 }
 
-fn print_list(records: &[(String, String, String, Option<Vec<String>>, String)]) {
+/// One row of `cairn token list`, from the store or from `GET /v1/tokens`.
+#[derive(serde::Deserialize)]
+struct Listed {
+    id: String,
+    role: String,
+    name: String,
+    types: Option<Vec<String>>,
+    created_at: String,
+}
+
+impl From<TokenRecord> for Listed {
+    fn from(r: TokenRecord) -> Listed {
+        Listed {
+            id: r.id,
+            role: r.role.as_str().to_string(),
+            name: r.name,
+            types: r.types,
+            created_at: r.created_at,
+        }
+    }
+}
+
+fn print_list(rows: &[Listed]) {
     println!("ID\tROLE\tNAME\tTYPES\tCREATED");
-    for (id, role, name, types, created) in records {
-        let types = types.as_ref().map_or("-".to_string(), |t| t.join(","));
-        println!("{id}\t{role}\t{name}\t{types}\t{created}");
+    for t in rows {
+        let types = t.types.as_ref().map_or("-".to_string(), |t| t.join(","));
+        println!(
+            "{}\t{}\t{}\t{types}\t{}",
+            t.id, t.role, t.name, t.created_at
+        );
     }
 }
 
@@ -41,7 +66,7 @@ fn offline(args: &TokenArgs, data: &std::path::Path) -> Result<(), String> {
             println!("{secret}");
         }
         TokenAction::List => {
-            let rows: Vec<_> = tokens.list().into_iter().map(row).collect();
+            let rows: Vec<Listed> = tokens.list().into_iter().map(Listed::from).collect();
             print_list(&rows);
         }
         TokenAction::Revoke { id } => {
@@ -52,16 +77,6 @@ fn offline(args: &TokenArgs, data: &std::path::Path) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn row(r: TokenRecord) -> (String, String, String, Option<Vec<String>>, String) {
-    (
-        r.id,
-        r.role.as_str().to_string(),
-        r.name,
-        r.types,
-        r.created_at,
-    )
 }
 
 fn remote(args: &TokenArgs, client: &Client) -> Result<(), String> {
@@ -79,31 +94,15 @@ fn remote(args: &TokenArgs, client: &Client) -> Result<(), String> {
             println!("{secret}");
         }
         TokenAction::List => {
-            let response: serde_json::Value = client
+            #[derive(serde::Deserialize)]
+            struct Listing {
+                data: Vec<Listed>,
+            }
+            let listing: Listing = client
                 .get("/v1/tokens")?
                 .json()
-                .map_err(|e| format!("the response is not JSON: {e}"))?;
-            let rows: Vec<_> = response["data"]
-                .as_array()
-                .ok_or("the server's response has no token list")?
-                .iter()
-                .map(|t| {
-                    let text = |k: &str| t[k].as_str().unwrap_or_default().to_string();
-                    let types = t["types"].as_array().map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(str::to_string))
-                            .collect()
-                    });
-                    (
-                        text("id"),
-                        text("role"),
-                        text("name"),
-                        types,
-                        text("created_at"),
-                    )
-                })
-                .collect();
-            print_list(&rows);
+                .map_err(|e| format!("the server's token list does not parse: {e}"))?;
+            print_list(&listing.data);
         }
         TokenAction::Revoke { id } => {
             client.delete(&format!("/v1/tokens/{id}"))?;
