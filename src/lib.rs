@@ -5,8 +5,9 @@
 //! ```text
 //! POST /v1/events ─► api::ingest ─► event::parse_request ─► writer (queue)
 //!                     (validate, JCS of data, in parallel)        │
-//!   writer thread: ids, seq, chain::seal (hash), chunks ─► store::apply (sled batch)
-//!   syncer thread: store::sync (one fsync per group) ─► acknowledge ─► broadcast
+//!   writer thread: ids, seq, chain::seal (hash) ─► store::apply (one sled batch)
+//!                  ─► store::sync (one fsync per group) ─► committed ─► acknowledge
+//!   publisher thread: merges committed groups ─► broadcast to live subscribers
 //!
 //! GET /v1/events, /v1/export, /v1/verify ─► api::read ─► store scans (≤ committed head)
 //! GET /v1/events/stream ─► api::stream ─► subscription: subscribe to the broadcast,
@@ -15,8 +16,9 @@
 //!
 //! Start at [`writer`] (who appends, and when an event counts as committed), then
 //! [`store`] (the sled layout, behind a narrow interface), then [`chain`] (the one
-//! definition of the hash), then [`subscription`] (how a stream resumes without a gap). [`api`] is the HTTP layer; it never touches sled.
-//! [`cli`] defines every command; [`commands`] runs the client-side ones.
+//! definition of the hash), then [`subscription`] (how a stream resumes without a gap).
+//! [`api`] is the HTTP layer; it never touches sled. [`cli`] defines every command;
+//! [`commands`] runs the client-side ones.
 //!
 //! | module | concern |
 //! |---|---|
@@ -25,12 +27,12 @@
 //! | [`rfc3339`] | timestamps kept exactly as given, normalised to UTC |
 //! | [`chain`] | canonical record, hash, chain verification |
 //! | [`store`] | sled layout, data-directory lock, committed head |
-//! | [`writer`] | single writer, group commit, broadcast |
+//! | [`writer`] | single writer, group commit, publisher |
 //! | [`subscription`] | replay-then-live, exactly once, for every stream |
 //! | [`cursor`] | `since`/`until`/`types`/`source` |
-//! | [`auth`] | tokens and roles |
-//! | [`api`] | axum routes and the error body |
-//! | [`server`] | `cairn serve`: start-up checks, serving, draining |
+//! | [`auth`] | tokens, roles, allow-lists, revocation |
+//! | [`api`] | axum routes (ingest, read, stream, tokens, ops) and the error body |
+//! | [`server`] | `cairn serve`: start-up checks, HTTP/1.1 serving, draining |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //! | [`client`] | the HTTP client remote commands share |
 
