@@ -16,11 +16,11 @@
 //! compressed with LZ4: event JSON repeats its member names, and sled writes every value
 //! several times (insert, leaf consolidation, split), so bytes are what a flush pays for.
 //!
-//! Chunks hold up to [`CHUNK_EVENTS`] events or [`CHUNK_BYTES`] of JSON, and each
-//! compressed value stays at or below [`MAX_VALUE_BYTES`] (a chunk that compresses
+//! Chunks hold up to `CHUNK_EVENTS` events or `CHUNK_BYTES` of JSON, and each
+//! compressed value stays at or below `MAX_VALUE_BYTES` (a chunk that compresses
 //! worse is halved), for a sled reason: a leaf holds up to 17 entries and is rewritten
 //! whole when consolidated, and any logged page larger than a quarter segment
-//! ([`SEGMENT_BYTES`]) goes to a separate *blob file*. 17 × 24 KiB stays under
+//! (`SEGMENT_BYTES`) goes to a separate *blob file*. 17 × 24 KiB stays under
 //! 512 KiB, so only a single very large event makes a blob. Fewer, larger values also
 //! mean fewer inserts and consolidations per event: going from 64 to 256 events per
 //! chunk took W1 from ~190k to ~245k events/s.
@@ -311,7 +311,7 @@ impl CommitBatch {
         }
     }
 
-    /// Adds one chunk, halving it until each compressed value fits [`MAX_VALUE_BYTES`]
+    /// Adds one chunk, halving it until each compressed value fits `MAX_VALUE_BYTES`
     /// (a single event larger than that is stored alone).
     fn add_chunk(&mut self, events: &[Event]) {
         let Some(first) = events.first() else {
