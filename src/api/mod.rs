@@ -46,6 +46,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(ops::dashboard))
         .route("/v1/events", post(ingest::append).get(read::query))
         .route("/v1/events/stream", get(stream::stream))
         .route("/v1/events/{id}", get(read::event_by_id))

@@ -1,7 +1,7 @@
 //! Operational routes and the 404/405 fallbacks.
 
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use serde_json::json;
 
@@ -14,6 +14,18 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         "head": head_json(&state.store.head()),
         "connections": state.streams.open(),
     }))
+}
+
+/// `GET /`: the dashboard, one self-contained page embedded in the binary (no token needed;
+/// the page asks for one and sends it only to `/v1` routes).
+pub async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../web/index.html"),
+    )
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {
