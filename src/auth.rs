@@ -83,36 +83,42 @@ pub struct InvalidToken {
     pub message: String,
 }
 
-/// Checks a token's name and allow-list before it is created.
-pub fn validate_new_token(name: &str, types: Option<&[String]>) -> Result<(), InvalidToken> {
-    let chars = name.chars().count();
-    if chars == 0 || chars > 128 || name.chars().any(char::is_control) {
-        return Err(InvalidToken {
-            field: "name",
-            message: "must be 1–128 characters without control characters".into(),
-        });
-    }
-    if let Some(types) = types {
-        if types.is_empty() {
-            return Err(InvalidToken {
-                field: "types",
-                message: "must not be empty (leave it out, or null, for no allow-list)".into(),
+/// Checks a token's name (if given) and allow-list before it is created; every
+/// problem is returned.
+pub fn validate_new_token(name: Option<&str>, types: Option<&[String]>) -> Vec<InvalidToken> {
+    let mut problems = Vec::new();
+    if let Some(name) = name {
+        let chars = name.chars().count();
+        if chars == 0 || chars > 128 || name.chars().any(char::is_control) {
+            problems.push(InvalidToken {
+                field: "name",
+                message: "must be 1–128 characters without control characters".into(),
             });
         }
-        for t in types {
-            if t.contains(',') {
-                return Err(InvalidToken {
-                    field: "types",
-                    message: format!("entry \"{t}\" must be one type or prefix* pattern"),
-                });
-            }
-            TypeFilter::parse(t).map_err(|m| InvalidToken {
-                field: "types",
-                message: m,
-            })?;
-        }
     }
-    Ok(())
+    match types {
+        Some([]) => problems.push(InvalidToken {
+            field: "types",
+            message: "must not be empty (leave it out, or null, for no allow-list)".into(),
+        }),
+        Some(types) => {
+            for t in types {
+                let checked = if t.contains(',') {
+                    Err("must be one type or prefix* pattern".to_string())
+                } else {
+                    TypeFilter::parse(t).map(|_| ())
+                };
+                if let Err(m) = checked {
+                    problems.push(InvalidToken {
+                        field: "types",
+                        message: format!("entry \"{t}\": {m}"),
+                    });
+                }
+            }
+        }
+        None => {}
+    }
+    problems
 }
 
 #[derive(Debug, thiserror::Error)]

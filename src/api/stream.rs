@@ -131,7 +131,10 @@ pub async fn stream(
     };
     let head = state.store.head();
     let start = start_cursor(&headers, &params, &selection, head.id)?;
-    let filtered = selection.is_filtered();
+    // `id:`-only frames tell a filtered client how far the scan went. A token with an
+    // allow-list must not learn the ids of events it may not see, so it gets plain
+    // heartbeats (and rescans what its filter passed over after a reconnect).
+    let announce_skips = selection.is_filtered() && caller.allowed_types.is_none();
     let subscription = Subscription::new(
         state.store.clone(),
         &state.writer,
@@ -154,7 +157,7 @@ pub async fn stream(
         heartbeat: state.stream.heartbeat,
         last_frame: Instant::now(),
         sent_id: start,
-        filtered,
+        announce_skips,
         shutdown: state.stream.shutdown.clone(),
         revoked: caller.revoked.clone(),
         frames: BytesMut::new(),
@@ -180,7 +183,8 @@ struct SseBody {
     last_frame: Instant,
     /// The newest id the client has been sent (as an event or an `id:`-only frame).
     sent_id: Ulid,
-    filtered: bool,
+    /// Whether `id:`-only frames may tell the client how far a filtered scan went.
+    announce_skips: bool,
     shutdown: CancellationToken,
     /// The caller's token was revoked: close at once.
     revoked: CancellationToken,
@@ -229,7 +233,7 @@ impl SseBody {
                     event_frames(&mut self.frames, &events)
                 }
                 Some(Ok(Item::Skipped(id))) => {
-                    if self.last_frame.elapsed() < self.heartbeat {
+                    if !self.announce_skips || self.last_frame.elapsed() < self.heartbeat {
                         continue;
                     }
                     self.sent_id = id;
@@ -249,7 +253,7 @@ impl SseBody {
     /// not sent, an `id:`-only frame so a reconnect skips them.
     fn heartbeat_frame(&mut self) -> Bytes {
         let cursor = self.subscription.cursor();
-        if self.filtered && cursor > self.sent_id {
+        if self.announce_skips && cursor > self.sent_id {
             self.sent_id = cursor;
             id_frame(cursor)
         } else {

@@ -95,9 +95,7 @@ fn parse_new_token(body: &[u8]) -> Result<(Role, String, Option<Vec<String>>), A
             "unknown member (allowed: role, name, types)",
         ));
     }
-    if let Some(name) = &name
-        && let Err(e) = validate_new_token(name, types.as_deref())
-    {
+    for e in validate_new_token(name.as_deref(), types.as_deref()) {
         problems.push(problem(e.field, e.message));
     }
     match (role, name) {

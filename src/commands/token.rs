@@ -59,7 +59,11 @@ fn offline(args: &TokenArgs, data: &std::path::Path) -> Result<(), String> {
     let tokens = Tokens::load(store).map_err(|e| e.to_string())?;
     match &args.action {
         TokenAction::Create { role, name, types } => {
-            validate_new_token(name, types.as_deref()).map_err(|e| e.to_string())?;
+            let problems = validate_new_token(Some(name), types.as_deref());
+            if !problems.is_empty() {
+                let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                return Err(messages.join("; "));
+            }
             let (_, secret) = tokens
                 .create(*role, name, types.clone())
                 .map_err(|e| e.to_string())?;
