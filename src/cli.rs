@@ -148,9 +148,10 @@ pub struct AppendArgs {
 /// `since`/`until`/`types`/`source`, as for the HTTP API.
 #[derive(Debug, Args, Clone, Default)]
 pub struct FilterArgs {
-    /// ULID, RFC 3339 time or `earliest`.
-    #[arg(long, default_value = "earliest")]
-    pub since: String,
+    /// ULID, RFC 3339 time, a duration back from now (`30s`, `15m`, `2h`, `7d`) or
+    /// `earliest` (the default; `cairn events --follow` starts at the head instead).
+    #[arg(long)]
+    pub since: Option<String>,
     /// ULID or RFC 3339 time (exclusive).
     #[arg(long)]
     pub until: Option<String>,
@@ -174,19 +175,8 @@ pub struct ExportArgs {
 pub struct EventsArgs {
     #[command(flatten)]
     pub remote: Remote,
-    /// ULID, RFC 3339 time, a duration back from now (`15m`, `2h`, `7d`) or `earliest`.
-    /// Default: `earliest`, or the current head with --follow.
-    #[arg(long)]
-    pub since: Option<String>,
-    /// ULID or RFC 3339 time (exclusive): stop before it.
-    #[arg(long)]
-    pub until: Option<String>,
-    /// Comma list of types and `prefix*` patterns.
-    #[arg(long)]
-    pub types: Option<String>,
-    /// Exact source.
-    #[arg(long)]
-    pub source: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Keep streaming new events; reconnect by itself from the last id.
     #[arg(long)]
     pub follow: bool,

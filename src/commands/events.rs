@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -26,26 +26,6 @@ pub fn run(args: &EventsArgs) -> Result<ExitCode, String> {
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(run_async(args))
-}
-
-/// `15m`, `2h`, `7d`, `30s` → that long before now, as RFC 3339.
-fn since_duration(text: &str) -> Option<String> {
-    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()?
-        .as_millis() as u64;
-    Some(crate::rfc3339::format_unix_ms(
-        now_ms.saturating_sub(secs.saturating_mul(1000)),
-    ))
 }
 
 fn read_cursor_file(path: &Path) -> Result<Option<String>, String> {
@@ -83,28 +63,11 @@ fn start(args: &EventsArgs) -> Result<Option<String>, String> {
     {
         return Ok(Some(id));
     }
-    match args.since.as_deref() {
+    match args.filter.since.as_deref() {
         None if args.follow => Ok(None),
         None => Ok(Some("earliest".into())),
-        Some(s) => Ok(Some(since_duration(s).unwrap_or_else(|| s.to_string()))),
+        Some(s) => Ok(Some(super::resolve_since(s))),
     }
-}
-
-fn query(args: &EventsArgs, since: Option<&str>, with_until: bool) -> String {
-    let mut pairs = Vec::new();
-    if let Some(s) = since {
-        pairs.push(("since", s));
-    }
-    if with_until && let Some(u) = &args.until {
-        pairs.push(("until", u.as_str()));
-    }
-    if let Some(t) = &args.types {
-        pairs.push(("types", t.as_str()));
-    }
-    if let Some(s) = &args.source {
-        pairs.push(("source", s.as_str()));
-    }
-    serde_urlencoded::to_string(pairs).unwrap_or_default()
 }
 
 #[derive(Deserialize)]
@@ -221,7 +184,10 @@ async fn backfill(
     since: Option<&str>,
     output: &mut Output,
 ) -> Result<(), String> {
-    let url = format!("{base}/v1/export?{}", query(args, since, true));
+    let url = format!(
+        "{base}/v1/export?{}",
+        super::filter_query(&args.filter, since, true)
+    );
     let response = authorized(args, http.get(&url))
         .send()
         .await
@@ -271,6 +237,7 @@ async fn follow(
     output: &mut Output,
 ) -> Result<(), String> {
     let until = args
+        .filter
         .until
         .as_deref()
         .map(|u| cursor::parse_until(u).map_err(|m| format!("--until {m}")))
@@ -279,7 +246,7 @@ async fn follow(
     loop {
         let url = format!(
             "{base}/v1/events/stream?{}",
-            query(args, since.as_deref(), false)
+            super::filter_query(&args.filter, since.as_deref(), false)
         );
         let mut request = authorized(args, http.get(&url));
         if let Some(id) = &output.last_id {

@@ -4,27 +4,14 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use super::Progress;
-use crate::cli::{ExportArgs, FilterArgs};
+use crate::cli::ExportArgs;
 use crate::client::Client;
-
-/// `?since=…&until=…&types=…&source=…` for the API.
-pub fn filter_query(f: &FilterArgs) -> String {
-    let mut pairs = vec![("since", f.since.as_str())];
-    for (name, value) in [
-        ("until", &f.until),
-        ("types", &f.types),
-        ("source", &f.source),
-    ] {
-        if let Some(v) = value {
-            pairs.push((name, v.as_str()));
-        }
-    }
-    serde_urlencoded::to_string(pairs).unwrap_or_default()
-}
 
 pub fn run(args: &ExportArgs) -> Result<ExitCode, String> {
     let client = Client::new(&args.remote.url, args.remote.token.clone())?;
-    let mut response = client.get(&format!("/v1/export?{}", filter_query(&args.filter)))?;
+    let since = super::resolve_since(args.filter.since.as_deref().unwrap_or("earliest"));
+    let query = super::filter_query(&args.filter, Some(&since), true);
+    let mut response = client.get(&format!("/v1/export?{query}"))?;
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
     let mut progress = Progress::new();
     let mut buf = vec![0u8; 256 * 1024];
