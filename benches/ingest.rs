@@ -5,11 +5,12 @@
 //! (names: w1, w2, single, rss). `CAIRN_BENCH_EVENTS_RSS` overrides the 1,000,000 events
 //! of the RSS run.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -17,119 +18,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-const EVENT_SIZE: usize = 300;
-
-/// The peers' 300-byte workload event in cairn's input shape.
-fn event(seq: u64, ts: &str) -> String {
-    let mut s = format!(
-        concat!(
-            r#"{{"type":"tool_call","timestamp":"{}","data":{{"agent":"claude-code","#,
-            r#""session":"myapp/main","tool":"exec","request":{{"command":"git status","#,
-            r#""cwd":"/home/dev/src/myapp"}},"decision":{{"action":"allow","#,
-            r#""matched_policies":["allow-git"],"evaluation_time_us":{}}},"seq":{},"pad":""}}}}"#
-        ),
-        ts,
-        seq % 97,
-        seq
-    );
-    if s.len() < EVENT_SIZE {
-        let at = s.len() - 3;
-        s.insert_str(at, &"x".repeat(EVENT_SIZE - s.len()));
-    }
-    s
-}
-
-fn batch_body(seq0: u64, n: u64) -> Bytes {
-    let ts = "2026-03-19T10:00:00.000Z";
-    let events: Vec<String> = (seq0..seq0 + n).map(|s| event(s, ts)).collect();
-    if n == 1 {
-        return Bytes::from(events.into_iter().next().unwrap_or_default());
-    }
-    Bytes::from(format!("{{\"events\":[{}]}}", events.join(",")))
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-    token: String,
-    data: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(sync: &str) -> Server {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let data = tmp.path().join("data");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .args(["serve", "--listen", &addr, "--sync", sync, "--data"])
-            .arg(&data)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn cairn");
-        let token_path = data.join("admin.token");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let token = loop {
-            if let Ok(t) = std::fs::read_to_string(&token_path)
-                && std::net::TcpStream::connect(&addr).is_ok()
-            {
-                break t.trim().to_string();
-            }
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Server {
-            child,
-            addr,
-            token,
-            data,
-            _tmp: tmp,
-        }
-    }
-
-    /// CPU seconds (user + system) the server has used so far.
-    fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0
-    }
-
-    fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use support::{Server, batch_body};
 
 fn dir_bytes(path: &Path) -> u64 {
     let mut total = 0;
@@ -168,7 +57,7 @@ async fn ingest(server: &Server, conns: usize, batch: u64, total: u64) -> (f64, 
     for c in 0..conns {
         let (addr, auth, bodies, acked) = (
             server.addr.clone(),
-            format!("Bearer {}", server.token),
+            server.auth(),
             bodies.clone(),
             acked.clone(),
         );
@@ -255,20 +144,20 @@ fn main() {
 
     if wanted("w1") {
         for run in 1..=2 {
-            let s = Server::start("fsync");
+            let s = Server::start("fsync", &[]);
             let name = format!("W1 fsync, 4 conns x 100/batch, run {run}");
             measure(&rt, &s, &name, 4, 100, 200_000);
         }
     }
     if wanted("w2") {
         for run in 1..=2 {
-            let s = Server::start("none");
+            let s = Server::start("none", &[]);
             let name = format!("W2 --sync none, 4 conns x 100/batch, run {run}");
             measure(&rt, &s, &name, 4, 100, 200_000);
         }
     }
     if wanted("single") {
-        let s = Server::start("fsync");
+        let s = Server::start("fsync", &[]);
         measure(&rt, &s, "fsync, 64 conns x 1 event/request", 64, 1, 64_000);
     }
     if wanted("rss") {
@@ -276,8 +165,8 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
-        let s = Server::start("none");
-        let before = s.rss_kb();
+        let s = Server::start("none", &[]);
+        let before = s.status("VmRSS");
         measure(
             &rt,
             &s,
@@ -289,7 +178,7 @@ fn main() {
         let disk = dir_bytes(&s.data);
         println!(
             "RSS after {total} events: {:.1} MB (at start {:.1} MB); disk {:.1} MB = {:.0} bytes/event",
-            s.rss_kb() as f64 / 1024.0,
+            s.status("VmRSS") as f64 / 1024.0,
             before as f64 / 1024.0,
             disk as f64 / 1e6,
             disk as f64 / total as f64

@@ -11,9 +11,9 @@
 //! parser over the decoded chunks that allocates nothing per event. The idle connections
 //! of `idle` are bare TCP sockets with 4 KiB buffers, closed with SO_LINGER 0.
 
+mod support;
+
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -29,37 +29,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-const EVENT_SIZE: usize = 300;
+use support::{Server, TS, batch_body, event};
+
 /// Most connections being opened at once: under the usual listen backlog of 128, so a
 /// dropped SYN cannot add a 1 s retransmit to the opening time.
 const OPEN_IN_FLIGHT: usize = 64;
-
-/// The peers' 300-byte workload event in cairn's input shape (as in benches/ingest.rs).
-fn event(seq: u64, ts: &str) -> String {
-    let mut s = format!(
-        concat!(
-            r#"{{"type":"tool_call","timestamp":"{}","data":{{"agent":"claude-code","#,
-            r#""session":"myapp/main","tool":"exec","request":{{"command":"git status","#,
-            r#""cwd":"/home/dev/src/myapp"}},"decision":{{"action":"allow","#,
-            r#""matched_policies":["allow-git"],"evaluation_time_us":{}}},"seq":{},"pad":""}}}}"#
-        ),
-        ts,
-        seq % 97,
-        seq
-    );
-    if s.len() < EVENT_SIZE {
-        let at = s.len() - 3;
-        s.insert_str(at, &"x".repeat(EVENT_SIZE - s.len()));
-    }
-    s
-}
-
-const TS: &str = "2026-03-19T10:00:00.000Z";
-
-fn batch_body(seq0: u64, n: u64) -> Bytes {
-    let events: Vec<String> = (seq0..seq0 + n).map(|s| event(s, TS)).collect();
-    Bytes::from(format!("{{\"events\":[{}]}}", events.join(",")))
-}
 
 /// The W4 event: the workload event with `data.sent_ns` first in `data` (about 320 B).
 fn timed_event(seq: u64, sent_ns: u64) -> Bytes {
@@ -72,99 +46,6 @@ fn timed_event(seq: u64, sent_ns: u64) -> Bytes {
     s.push(',');
     s.push_str(&e[at..]);
     Bytes::from(s)
-}
-
-// ---------------------------------------------------------------------------------------
-// Server process
-
-struct Server {
-    child: Child,
-    addr: String,
-    token: String,
-    _data: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(sync: &str, extra: &[&str]) -> Server {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let data = tmp.path().join("data");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .args(["serve", "--listen", &addr, "--sync", sync])
-            .args(extra)
-            .arg("--data")
-            .arg(&data)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn cairn");
-        let token_path = data.join("admin.token");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let token = loop {
-            if let Ok(t) = std::fs::read_to_string(&token_path)
-                && std::net::TcpStream::connect(&addr).is_ok()
-            {
-                break t.trim().to_string();
-            }
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Server {
-            child,
-            addr,
-            token,
-            _data: data,
-            _tmp: tmp,
-        }
-    }
-
-    fn auth(&self) -> String {
-        format!("Bearer {}", self.token)
-    }
-
-    /// CPU seconds (user + system) the server has used so far.
-    fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // After the command name (in parentheses): utime is the 12th field, stime the 13th.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0
-    }
-
-    /// A numeric line of /proc/<pid>/status (`VmRSS` in kB, `Threads`).
-    fn status(&self, key: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// CPU seconds (user + system) this process has used so far.

@@ -1,0 +1,131 @@
+//! What the benchmarks share: the peers' workload event and the release server run on a
+//! loopback port with a temporary data directory.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+pub const EVENT_SIZE: usize = 300;
+pub const TS: &str = "2026-03-19T10:00:00.000Z";
+
+/// The peers' 300-byte workload event in cairn's input shape.
+pub fn event(seq: u64, ts: &str) -> String {
+    let mut s = format!(
+        concat!(
+            r#"{{"type":"tool_call","timestamp":"{}","data":{{"agent":"claude-code","#,
+            r#""session":"myapp/main","tool":"exec","request":{{"command":"git status","#,
+            r#""cwd":"/home/dev/src/myapp"}},"decision":{{"action":"allow","#,
+            r#""matched_policies":["allow-git"],"evaluation_time_us":{}}},"seq":{},"pad":""}}}}"#
+        ),
+        ts,
+        seq % 97,
+        seq
+    );
+    if s.len() < EVENT_SIZE {
+        let at = s.len() - 3;
+        s.insert_str(at, &"x".repeat(EVENT_SIZE - s.len()));
+    }
+    s
+}
+
+/// `n` events from counter `seq0`: one event object for `n == 1`, else `{"events":[…]}`.
+pub fn batch_body(seq0: u64, n: u64) -> Bytes {
+    let events: Vec<String> = (seq0..seq0 + n).map(|s| event(s, TS)).collect();
+    if n == 1 {
+        return Bytes::from(events.into_iter().next().unwrap_or_default());
+    }
+    Bytes::from(format!("{{\"events\":[{}]}}", events.join(",")))
+}
+
+/// `cairn serve` on a free loopback port and a fresh data directory, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub token: String,
+    pub data: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start(sync: &str, extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["serve", "--listen", &addr, "--sync", sync])
+            .args(extra)
+            .arg("--data")
+            .arg(&data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cairn");
+        let token_path = data.join("admin.token");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let token = loop {
+            if let Ok(t) = std::fs::read_to_string(&token_path)
+                && std::net::TcpStream::connect(&addr).is_ok()
+            {
+                break t.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Server {
+            child,
+            addr,
+            token,
+            data,
+            _tmp: tmp,
+        }
+    }
+
+    pub fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    /// CPU seconds (user + system) the server has used so far.
+    pub fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // After the command name (in parentheses): utime is the 12th field, stime the 13th.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// A numeric line of /proc/<pid>/status (`VmRSS` in kB, `Threads`).
+    pub fn status(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
