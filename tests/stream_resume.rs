@@ -1252,100 +1252,20 @@ fn cairn_events_with_a_cursor_file_delivers_the_log_once_over_runs() {
 // 5. `cairn events --follow` across restarts on the same port
 // ---------------------------------------------------------------------------------------
 
-/// `cairn serve` on a fixed port (the harness always listens on port 0, and `serve`
-/// takes `--listen` only once).
-struct FixedServer {
-    child: Option<Child>,
-    url: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl FixedServer {
-    /// Starts on `port`, retrying while the port is still held by the previous process.
-    fn start(data: &Path, port: u16) -> FixedServer {
-        let listen = format!("127.0.0.1:{port}");
-        let mut failures = String::new();
-        for _attempt in 0..50 {
-            let mut child = Command::new(BIN)
-                .arg("serve")
-                .arg("--data")
-                .arg(data)
-                .args(["--listen", &listen])
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn cairn serve");
-            let log = Arc::new(Mutex::new(String::new()));
-            let (tx, rx) = std::sync::mpsc::channel();
-            {
-                let (log, stderr) = (log.clone(), child.stderr.take().expect("stderr"));
-                std::thread::spawn(move || {
-                    for line in BufReader::new(stderr).lines() {
-                        let Ok(line) = line else { break };
-                        if line.contains("listening addr=") {
-                            let _ = tx.send(());
-                        }
-                        let mut l = log.lock().expect("log");
-                        l.push_str(&line);
-                        l.push('\n');
-                    }
-                });
-            }
-            match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(()) => {
-                    return FixedServer {
-                        child: Some(child),
-                        url: format!("http://{listen}"),
-                        log,
-                    };
-                }
-                Err(_) => {
-                    // stderr closed without "listening": it exited (e.g. port busy).
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    failures = log.lock().expect("log").clone();
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+/// `cairn serve` on a fixed port, retrying while the previous process still holds it.
+fn start_fixed(data: &Path, port: u16) -> Server {
+    let listen = format!("127.0.0.1:{port}");
+    let mut failure = String::new();
+    for _attempt in 0..50 {
+        match Server::launch(data, &["--listen", &listen], &[]) {
+            Ok(server) => return server,
+            Err(log) => {
+                failure = log;
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
-        panic!("cairn serve never started on {listen}; last log:\n{failures}");
     }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn terminate(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = c.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!(
-                    "cairn did not exit within 15 s of SIGTERM:\n{}",
-                    self.log.lock().expect("log")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FixedServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    panic!("cairn serve never started on {listen}; last log:\n{failure}");
 }
 
 fn free_port() -> u16 {
@@ -1486,8 +1406,8 @@ fn cairn_events_follow_survives_restarts_on_the_same_port() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let port = free_port();
-    let mut server = FixedServer::start(&data, port);
-    let url = server.url.clone();
+    let mut server = start_fixed(&data, port);
+    let url = server.url("");
     let token = std::fs::read_to_string(data.join("admin.token"))
         .expect("admin.token")
         .trim()
@@ -1519,7 +1439,7 @@ fn cairn_events_follow_survives_restarts_on_the_same_port() {
         l.len() >= mark + STEP
     });
     server.kill();
-    server = FixedServer::start(&data, port);
+    server = start_fixed(&data, port);
     let mark = cli.got.len();
     cli.read_until(
         "events from the server restarted after SIGKILL",
@@ -1528,7 +1448,7 @@ fn cairn_events_follow_survives_restarts_on_the_same_port() {
     );
     let status = server.terminate();
     assert!(status.success(), "SIGTERM under --follow: exit {status}");
-    server = FixedServer::start(&data, port);
+    server = start_fixed(&data, port);
     let mark = cli.got.len();
     cli.read_until(
         "events from the server restarted after SIGTERM",

@@ -5,11 +5,8 @@
 //! tokens across restarts.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Server, wait_until};
@@ -1388,79 +1385,9 @@ fn secrets_never_reach_the_info_log() {
     }
 }
 
-/// A server started by hand with `RUST_LOG=debug` (the harness fixes `info`).
-struct DebugServer {
-    child: Child,
-    addr: String,
-    data: PathBuf,
-    log: Arc<Mutex<String>>,
-    _tmp: tempfile::TempDir,
-}
-
-impl DebugServer {
-    fn start() -> DebugServer {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let data = tmp.path().join("data");
-        let mut child = Command::new(common::BIN)
-            .arg("serve")
-            .arg("--data")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cairn serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(pos) = line.find("listening addr=") {
-                        let _ = tx.send(line[pos + "listening addr=".len()..].trim().to_string());
-                    }
-                    let mut l = log.lock().expect("log");
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
-        let addr = match rx.recv_timeout(READ) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("cairn serve did not start:\n{}", log.lock().expect("log"));
-            }
-        };
-        DebugServer {
-            child,
-            addr,
-            data,
-            log,
-            _tmp: tmp,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
-    }
-}
-
-impl Drop for DebugServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn debug_request_log_redacts_query_tokens() {
-    let d = DebugServer::start();
+    let d = Server::start_with_env(&[], &[("RUST_LOG", "debug")]);
     let admin = std::fs::read_to_string(d.data.join("admin.token"))
         .expect("admin.token")
         .trim()
@@ -1528,11 +1455,11 @@ fn debug_request_log_redacts_query_tokens() {
     );
     // Request lines are written after each response: wait for the last one.
     wait_until(READ, "request lines in the debug log", || {
-        let log = d.log();
+        let log = d.log_text();
         log.matches("token=REDACTED").count() >= 3 * 8
             && log.contains("/v1/events/stream?token=REDACTED")
     });
-    let log = d.log();
+    let log = d.log_text();
     for t in [&secret, &admin, &wrong] {
         assert!(
             !log.contains(t.as_str()),

@@ -38,22 +38,40 @@ pub struct Server {
 impl Server {
     /// A fresh server on a new temporary data directory.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    /// A fresh server with extra environment (e.g. `RUST_LOG=debug`).
+    pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
-        let mut s = Server::start_on(&data, extra);
+        let mut s = Server::launch(&data, extra, envs).unwrap_or_else(|log| {
+            panic!("cairn serve did not start; its log:\n{log}");
+        });
         s._tmp = Some(tmp);
         s
     }
 
     /// A server on an existing data directory (e.g. after a crash).
     pub fn start_on(data: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--data")
-            .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
+        Server::launch(data, extra, &[]).unwrap_or_else(|log| {
+            panic!("cairn serve did not start; its log:\n{log}");
+        })
+    }
+
+    /// Starts `cairn serve` (on `127.0.0.1:0` unless `extra` has a `--listen`) and waits
+    /// for it to listen and answer `/healthz`. On failure (it exited, e.g. its port was
+    /// still taken), returns its log.
+    pub fn launch(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Result<Server, String> {
+        let mut command = Command::new(BIN);
+        command.arg("serve").arg("--data").arg(data);
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -82,10 +100,7 @@ impl Server {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "cairn serve did not start; its log:\n{}",
-                    log.lock().unwrap()
-                );
+                return Err(log.lock().unwrap().clone());
             }
         };
         let token_path = data.join("admin.token");
@@ -111,7 +126,12 @@ impl Server {
                 .send()
                 .is_ok_and(|r| r.status() == 200)
         });
-        s
+        Ok(s)
+    }
+
+    /// Everything the server logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {
