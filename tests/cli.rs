@@ -3,6 +3,33 @@ mod common;
 
 use common::{Server, cairn};
 
+/// `cairn append --batch N` against `s`, with `input` on stdin.
+fn append_stdin(s: &Server, batch: &str, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(common::BIN)
+        .args([
+            "append",
+            "--url",
+            &s.url(""),
+            "--token",
+            &s.token,
+            "--batch",
+            batch,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write");
+    child.wait_with_output().expect("wait")
+}
+
 #[test]
 fn append_from_flags_prints_the_new_id() {
     let s = Server::start(&[]);
@@ -34,7 +61,6 @@ fn append_from_flags_prints_the_new_id() {
 #[test]
 fn append_from_stdin_splits_into_atomic_requests() {
     let s = Server::start(&[]);
-    let url = s.url("");
     let mut input = String::new();
     for i in 0..25 {
         input.push_str(&format!(
@@ -45,23 +71,7 @@ fn append_from_stdin_splits_into_atomic_requests() {
             input.push('\n'); // blank lines are skipped
         }
     }
-    let mut child = std::process::Command::new(common::BIN)
-        .args([
-            "append", "--url", &url, "--token", &s.token, "--batch", "10",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = append_stdin(&s, "10", input.as_bytes());
     assert!(
         out.status.success(),
         "{}",
@@ -84,23 +94,8 @@ fn append_from_stdin_splits_into_atomic_requests() {
 #[test]
 fn append_reports_a_rejected_batch_and_what_went_in_before() {
     let s = Server::start(&[]);
-    let url = s.url("");
     let input = "{\"type\":\"ok\"}\n{\"type\":\"ok\"}\n{\"type\":\"bad type\"}\n";
-    let mut child = std::process::Command::new(common::BIN)
-        .args(["append", "--url", &url, "--token", &s.token, "--batch", "2"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = append_stdin(&s, "2", input.as_bytes());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("2 events were appended"), "{err}");
@@ -153,4 +148,25 @@ fn export_streams_the_selection_as_ndjson() {
     let (code, _, err) = cairn(&["export", "--url", &url], &[]);
     assert_ne!(code, 0);
     assert!(err.contains("401"), "{err}");
+}
+
+#[test]
+fn export_since_takes_a_duration() {
+    let s = Server::start(&[]);
+    for i in 0..3 {
+        assert_eq!(
+            s.post_json(&serde_json::json!({"type": "t", "data": {"i": i}}))
+                .0,
+            201
+        );
+    }
+    let url = s.url("");
+    let env = [("CAIRN_TOKEN", s.token.as_str())];
+    let (code, recent, err) = cairn(&["export", "--url", &url, "--since", "1h"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(recent.lines().count(), 3, "events of the last hour");
+    // A duration reaching before the epoch still means "everything".
+    let (code, all, _) = cairn(&["export", "--url", &url, "--since", "100000d"], &env);
+    assert_eq!(code, 0);
+    assert_eq!(all.lines().count(), 3);
 }
