@@ -1421,12 +1421,24 @@ fn unknown_routes_are_404_json_with_or_without_a_token() {
 #[test]
 fn wrong_method_is_405_json_with_allow() {
     let s = Server::start(&[]);
-    let cases: [(reqwest::Method, &str, &[&str], &[&str]); 5] = [
+    let cases: [(reqwest::Method, &str, &[&str], &[&str]); 7] = [
         (reqwest::Method::DELETE, "/v1/events", &["GET", "POST"], &[]),
         (reqwest::Method::PUT, "/v1/events", &["GET", "POST"], &[]),
         (reqwest::Method::POST, "/v1/head", &["GET"], &["POST"]),
         (reqwest::Method::DELETE, "/v1/verify", &["GET"], &["POST"]),
         (reqwest::Method::POST, "/healthz", &["GET"], &["POST"]),
+        (
+            reqwest::Method::PATCH,
+            "/v1/tokens",
+            &["GET", "POST"],
+            &["PATCH"],
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/tokens/abc",
+            &["DELETE"],
+            &["GET"],
+        ),
     ];
     for (method, path, allowed, not_allowed) in cases {
         let r = s

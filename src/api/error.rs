@@ -1,7 +1,7 @@
 //! The one error body every route returns (SPEC §2):
 //! `{"error": "...", "code": "...", "details": [...]}` with the matching status.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -13,7 +13,6 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Vec<Problem>,
-    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -23,7 +22,6 @@ impl ApiError {
             code,
             message: message.into(),
             details: Vec::new(),
-            allow: None,
         }
     }
 
@@ -93,12 +91,6 @@ impl IntoResponse for ApiError {
             code: self.code,
             details: &self.details,
         };
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if let Some(allow) = self.allow {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
-        }
-        response
+        (self.status, axum::Json(body)).into_response()
     }
 }

@@ -32,16 +32,11 @@ pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route for {}", uri.path()))
 }
 
+/// The JSON body of a 405; axum adds the `Allow` header from the route itself.
 pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    let mut e = ApiError::new(
+    ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         format!("{method} is not allowed on {}", uri.path()),
-    );
-    e.allow = Some(if uri.path() == "/v1/events" {
-        "GET, POST"
-    } else {
-        "GET"
-    });
-    e
+    )
 }
