@@ -261,11 +261,6 @@ impl WriterState {
             self.finish(group);
             self.prune_idempotency_keys();
         }
-        if self.sync == SyncMode::None
-            && let Err(e) = self.store.sync()
-        {
-            tracing::error!(error = %e, "final flush at shutdown failed");
-        }
     }
 
     /// Assigns ids, seqs and hashes and writes the group to the store (not yet durable).

@@ -105,3 +105,21 @@ fn restart_keeps_the_head_and_ids_keep_increasing() {
     let (_, page) = s2.get("/v1/events?limit=2");
     assert_eq!(page["data"][1]["prev_hash"], head_before["hash"]);
 }
+
+#[test]
+fn sync_none_still_flushes_on_graceful_shutdown() {
+    let mut s = Server::start(&["--sync", "none"]);
+    let events: Vec<_> = (0..500)
+        .map(|i| json!({"type": "audit", "data": {"n": i}}))
+        .collect();
+    assert_eq!(s.post_json(&json!({ "events": events })).0, 201);
+    let head = s.head();
+    assert!(s.terminate().success());
+    let data = s.data.clone();
+    let s2 = Server::start_on(&data, &[]);
+    assert_eq!(
+        s2.head(),
+        head,
+        "acknowledged events are on disk after SIGTERM"
+    );
+}
