@@ -127,16 +127,8 @@ fn measure(
 }
 
 fn main() {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let wanted = support::selection();
+    let rt = support::runtime();
     println!(
         "cairn ingest benchmarks ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())

@@ -1081,17 +1081,9 @@ async fn idle(server: &Server, total: usize) {
 }
 
 fn main() {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let wanted = support::selection();
     let nofile = raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::runtime();
     println!(
         "cairn stream benchmarks ({} cores, open-file limit {nofile}); client and server share the machine",
         std::thread::available_parallelism().map_or(0, |n| n.get())

@@ -40,6 +40,25 @@ pub fn batch_body(seq0: u64, n: u64) -> Bytes {
     Bytes::from(format!("{{\"events\":[{}]}}", events.join(",")))
 }
 
+/// The parts named on the command line (`cargo bench --bench x -- w1 w2`): a part runs
+/// when no name is given or its name contains one of them.
+pub fn selection() -> impl Fn(&str) -> bool {
+    let names: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    move |part: &str| names.is_empty() || names.iter().any(|n| part.contains(n.as_str()))
+}
+
+/// The client's runtime: two workers, like the machine's two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// `cairn serve` on a free loopback port and a fresh data directory, killed on drop.
 pub struct Server {
     pub child: Child,
