@@ -1,5 +1,5 @@
 //! `GET /` (SPEC §2 "Operations"): the dashboard page, checked over plain HTTP against
-//! the real binary. What the page does in a browser is not checked here.
+//! the real binary. What the page does in a browser is in `tests/browser.rs`.
 mod common;
 
 use common::Server;

@@ -1252,30 +1252,6 @@ fn cairn_events_with_a_cursor_file_delivers_the_log_once_over_runs() {
 // 5. `cairn events --follow` across restarts on the same port
 // ---------------------------------------------------------------------------------------
 
-/// `cairn serve` on a fixed port, retrying while the previous process still holds it.
-fn start_fixed(data: &Path, port: u16) -> Server {
-    let listen = format!("127.0.0.1:{port}");
-    let mut failure = String::new();
-    for _attempt in 0..50 {
-        match Server::launch(data, &["--listen", &listen], &[]) {
-            Ok(server) => return server,
-            Err(log) => {
-                failure = log;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-    panic!("cairn serve never started on {listen}; last log:\n{failure}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// The `cairn events --follow` child and its stdout lines as they come.
 struct EventsCli {
     child: Child,
@@ -1405,8 +1381,8 @@ fn cairn_events_follow_survives_restarts_on_the_same_port() {
     const STEP: usize = 400;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let port = free_port();
-    let mut server = start_fixed(&data, port);
+    let port = common::free_port();
+    let mut server = Server::start_fixed(&data, port);
     let url = server.url("");
     let token = std::fs::read_to_string(data.join("admin.token"))
         .expect("admin.token")
@@ -1439,7 +1415,7 @@ fn cairn_events_follow_survives_restarts_on_the_same_port() {
         l.len() >= mark + STEP
     });
     server.kill();
-    server = start_fixed(&data, port);
+    server = Server::start_fixed(&data, port);
     let mark = cli.got.len();
     cli.read_until(
         "events from the server restarted after SIGKILL",
@@ -1448,7 +1424,7 @@ fn cairn_events_follow_survives_restarts_on_the_same_port() {
     );
     let status = server.terminate();
     assert!(status.success(), "SIGTERM under --follow: exit {status}");
-    server = start_fixed(&data, port);
+    server = Server::start_fixed(&data, port);
     let mark = cli.got.len();
     cli.read_until(
         "events from the server restarted after SIGTERM",

@@ -59,6 +59,23 @@ impl Server {
         })
     }
 
+    /// A server on a fixed loopback port, retrying while a previous process (just killed)
+    /// still holds it. Clients that reconnect by address need the same port back.
+    pub fn start_fixed(data: &Path, port: u16) -> Server {
+        let listen = format!("127.0.0.1:{port}");
+        let mut failure = String::new();
+        for _attempt in 0..50 {
+            match Server::launch(data, &["--listen", &listen], &[]) {
+                Ok(server) => return server,
+                Err(log) => {
+                    failure = log;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        panic!("cairn serve never started on {listen}; last log:\n{failure}");
+    }
+
     /// Starts `cairn serve` (on `127.0.0.1:0` unless `extra` has a `--listen`) and waits
     /// for it to listen and answer `/healthz`. On failure (it exited, e.g. its port was
     /// still taken), returns its log.
@@ -246,6 +263,15 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Runs the `cairn` CLI; returns (exit code, stdout, stderr).
