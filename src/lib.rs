@@ -39,11 +39,13 @@
 pub mod api;
 pub mod auth;
 pub mod chain;
+pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod cursor;
 pub mod event;
+pub mod merkle;
 pub mod ijson;
 pub mod rfc3339;
 pub mod server;

@@ -57,6 +57,8 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
         heartbeat: std::time::Duration::from_secs(args.heartbeat.max(1)),
         max_connections: args.max_connections,
         write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
+        origin: args.origin,
+        checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval.max(1)),
     };
     runtime
         .block_on(server::run(opts))

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiConfig, AppState, StreamConfig, StreamSlots};
 use crate::auth::Tokens;
 use crate::chain::Verifier;
+use crate::checkpoint::{self, Checkpointer};
+use crate::merkle;
 use crate::store::{DataDir, Store};
 use crate::writer::{SyncMode, Writer};
 
@@ -30,6 +32,9 @@ pub struct ServeOptions {
     pub heartbeat: Duration,
     pub max_connections: usize,
     pub write_timeout: Duration,
+    /// Checkpoint origin; generated at first start when absent.
+    pub origin: Option<String>,
+    pub checkpoint_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(
         "refusing to start: the log in {dir} is broken at seq {seq}: {reason}. \
          Nothing was changed; inspect it with `cairn verify --data {dir}`"
@@ -92,6 +99,21 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     check_tail(&store, &opts.data)?;
     let head = store.head();
     tracing::info!(seq = head.seq, data = %opts.data.display(), "log opened and chain tail verified");
+    let added = merkle::catch_up(&store)?;
+    if added > 0 {
+        tracing::info!(
+            leaves = added,
+            "built the Merkle tree for events logged before it existed"
+        );
+    }
+    let checkpoints = Arc::new(Checkpointer::open(
+        store.clone(),
+        &opts.data,
+        opts.origin.as_deref(),
+        opts.sync == SyncMode::None,
+    )?);
+    let latest = checkpoints.latest();
+    tracing::info!(origin = %latest.origin, size = latest.size, "checkpoints: signing key loaded");
 
     let tokens = Arc::new(Tokens::load(store.clone())?);
     if opts.auth {
@@ -128,6 +150,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             shutdown: shutdown.clone(),
         },
         stream_stats: Default::default(),
+        checkpoints: checkpoints.clone(),
     };
     let listener = TcpListener::bind(opts.listen)
         .await
@@ -148,6 +171,11 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         crate::shutdown::signal().await;
         stop.cancel();
     });
+    tokio::spawn(checkpoint::run(
+        checkpoints.clone(),
+        opts.checkpoint_interval,
+        shutdown.clone(),
+    ));
     serve_http(listener, api::router(state), shutdown).await;
 
     // The router (and every Writer handle in it) is gone: the writer drains its queue.
@@ -157,6 +185,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     }
     if let Err(e) = store.sync() {
         tracing::error!(error = %e, "final sync failed");
+    }
+    // The last events get a checkpoint too (the task above has stopped).
+    if let Err(e) = checkpoints.sign_if_grown() {
+        tracing::error!(error = %e, "the final checkpoint failed");
     }
     tracing::info!(
         seq = store.head().seq,

@@ -10,6 +10,12 @@
 //! | `e` ‖ first ULID (16 B, big-endian) | a *chunk*: consecutive events, bincode, LZ4-compressed |
 //! | `s` ‖ first seq (8 B, big-endian) | the chunk's ULID (the seq index) |
 //! | `i` ‖ token id ‖ `0x00` ‖ key | an idempotency record |
+//! | `m` ‖ first stored-hash index (8 B, big-endian) | Merkle tree hashes, 32 B each, consecutive |
+//!
+//! The Merkle hashes ([`crate::merkle`]) are written in the same batch as the events they
+//! cover, so the tree and the log never disagree after a crash. A group's new hashes
+//! have consecutive stored-hash indexes, so they go in as a few values of up to
+//! `TREE_HASHES_PER_VALUE`, and the hash at index `i` is in the last value keyed ≤ `i`.
 //!
 //! Why chunks: a sled insert costs ~13 µs, so one key per event caps ingest near
 //! 70k events/s; a few keys per group commit lift that cap. A chunk is bincode,
@@ -63,6 +69,9 @@ const MAX_CHUNK_BYTES: usize = 256 << 20;
 const EVENT_PREFIX: u8 = b'e';
 const SEQ_PREFIX: u8 = b's';
 const IDEMPOTENCY_PREFIX: u8 = b'i';
+const TREE_PREFIX: u8 = b'm';
+/// 16 KiB values: well under `MAX_VALUE_BYTES`, and few per group commit.
+const TREE_HASHES_PER_VALUE: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -270,6 +279,12 @@ fn seq_key(seq: u64) -> [u8; 9] {
     k
 }
 
+fn tree_key(index: u64) -> [u8; 9] {
+    let mut k = [TREE_PREFIX; 9];
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
 fn idempotency_key(token_id: &str, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + token_id.len() + key.len());
     k.push(IDEMPOTENCY_PREFIX);
@@ -327,6 +342,14 @@ impl CommitBatch {
         self.batch.insert(&event_key(first.id)[..], value);
         self.batch
             .insert(&seq_key(first.seq)[..], &first.id.0.to_be_bytes()[..]);
+    }
+
+    /// Adds Merkle tree hashes with consecutive stored-hash indexes from `first_index`.
+    pub fn add_tree_hashes(&mut self, first_index: u64, hashes: &[[u8; 32]]) {
+        for (i, piece) in hashes.chunks(TREE_HASHES_PER_VALUE).enumerate() {
+            let index = first_index + (i * TREE_HASHES_PER_VALUE) as u64;
+            self.batch.insert(&tree_key(index)[..], piece.concat());
+        }
     }
 
     pub fn add_idempotency(&mut self, token_id: &str, key: &str, record: &IdempotencyRecord) {
@@ -608,6 +631,49 @@ impl Store {
         self.scan_from_seq(from)?.collect()
     }
 
+    /// Merkle tree hashes by stored-hash index (applied, whether durable or not).
+    pub fn tree_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::with_capacity(indexes.len());
+        // Proofs ask for a few dozen indexes, often several from one value.
+        let mut value: Option<(u64, sled::IVec)> = None;
+        for &index in indexes {
+            let cached = value
+                .as_ref()
+                .is_some_and(|(first, v)| index >= *first && index < first + (v.len() / 32) as u64);
+            if !cached {
+                let (key, v) = self
+                    .log
+                    .range(&tree_key(0)[..]..=&tree_key(index)[..])
+                    .next_back()
+                    .ok_or_else(|| missing_tree_hash(index))??;
+                value = Some((index_from_tree_key(&key)?, v));
+            }
+            let (first, v) = value.as_ref().ok_or_else(|| missing_tree_hash(index))?;
+            let offset = ((index - first) * 32) as usize;
+            let hash = v
+                .get(offset..offset + 32)
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| missing_tree_hash(index))?;
+            out.push(hash);
+        }
+        Ok(out)
+    }
+
+    /// How many Merkle tree hashes are stored.
+    pub fn tree_hash_count(&self) -> Result<u64> {
+        match self
+            .log
+            .range(&tree_key(0)[..]..=&tree_key(u64::MAX)[..])
+            .next_back()
+        {
+            Some(kv) => {
+                let (key, value) = kv?;
+                Ok(index_from_tree_key(&key)? + (value.len() / 32) as u64)
+            }
+            None => Ok(0),
+        }
+    }
+
     pub fn idempotency(&self, token_id: &str, key: &str) -> Result<Option<IdempotencyRecord>> {
         match self.log.get(idempotency_key(token_id, key))? {
             Some(v) => bincode::serde::decode_from_slice(&v, bincode_config())
@@ -661,6 +727,17 @@ enum ScanFrom {
 }
 
 /// Forward iterator over committed events; reads one chunk at a time.
+fn missing_tree_hash(index: u64) -> StoreError {
+    StoreError::Corrupt(format!("Merkle tree hash {index} is missing"))
+}
+
+fn index_from_tree_key(key: &[u8]) -> Result<u64> {
+    key.get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt("malformed tree key".into()))
+}
+
 pub struct Scan {
     iter: sled::Iter,
     current: std::vec::IntoIter<Event>,

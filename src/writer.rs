@@ -30,6 +30,7 @@ use ulid::Ulid;
 
 use crate::chain::{self, RecordParts};
 use crate::event::{Event, NewEvent};
+use crate::merkle;
 use crate::rfc3339;
 use crate::store::{CommitBatch, Head, IdempotencyRecord, Store};
 use crate::subscription::Committed;
@@ -268,6 +269,7 @@ impl WriterState {
         let start_head = self.head.clone();
         let mut batch = CommitBatch::default();
         let mut all_events: Vec<Event> = Vec::new();
+        let mut event_hashes: Vec<[u8; 32]> = Vec::new();
         let mut replies = Vec::with_capacity(requests.len());
         // Keys used earlier in this same group (not yet in the store).
         let mut group_keys: HashMap<(String, String), IdempotencyRecord> = HashMap::new();
@@ -324,6 +326,7 @@ impl WriterState {
                     source: new.source,
                     line: line.into(),
                 });
+                event_hashes.push(hash);
                 self.head = Head {
                     seq,
                     id: Some(id),
@@ -353,8 +356,13 @@ impl WriterState {
             ));
         }
         batch.add_events(&all_events);
-
-        if let Err(e) = self.store.apply(batch) {
+        // The tree's new hashes go in the same atomic batch as the events they cover.
+        let applied = merkle::hashes_for_leaves(&self.store, start_head.seq, &event_hashes)
+            .and_then(|tree| {
+                batch.add_tree_hashes(merkle::first_index(start_head.seq), &tree);
+                self.store.apply(batch)
+            });
+        if let Err(e) = applied {
             // Nothing of this group reached the store: roll the head back, and fail every
             // request that appended or that replays a key first used in this group.
             tracing::error!(error = %e, "appending a group commit failed");

@@ -6,6 +6,7 @@ mod auth;
 mod error;
 mod ingest;
 mod ops;
+mod proofs;
 mod read;
 mod stream;
 mod tokens;
@@ -19,6 +20,7 @@ pub use error::ApiError;
 pub use stream::{StreamConfig, StreamSlots};
 
 use crate::auth::Tokens;
+use crate::checkpoint::Checkpointer;
 use crate::store::Store;
 use crate::subscription::StreamStats;
 use crate::writer::Writer;
@@ -42,6 +44,7 @@ pub struct AppState {
     pub streams: Arc<StreamSlots>,
     pub stream: StreamConfig,
     pub stream_stats: Arc<StreamStats>,
+    pub checkpoints: Arc<Checkpointer>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -53,6 +56,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/head", get(read::head))
         .route("/v1/export", get(read::export))
         .route("/v1/verify", get(read::verify))
+        .route("/v1/checkpoint", get(proofs::checkpoint))
+        .route("/v1/checkpoint/key", get(proofs::checkpoint_key))
+        .route("/v1/proof/inclusion", get(proofs::inclusion))
+        .route("/v1/proof/consistency", get(proofs::consistency))
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route("/healthz", get(ops::healthz))

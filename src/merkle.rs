@@ -1,0 +1,300 @@
+//! The Merkle tree over the log (RFC 6962 / RFC 9162), for checkpoints and proofs.
+//!
+//! The hash chain catches an edited event but not a cut-off tail or a log rewritten from
+//! scratch; a signed tree head can. Leaf `i` is the event of seq `i + 1`, and its leaf
+//! hash is `SHA-256(0x00 ‖ the event's 32-byte hash)`.
+//!
+//! The arithmetic is Go's `sumdb/tlog` (as the `tlog_tiles` crate): every complete
+//! subtree's hash is stored once, at a dense *stored-hash index*, so appending leaf `n`
+//! stores `1 + trailing ones of n` hashes (just under two per event on average), and a
+//! root, an inclusion proof or a consistency proof reads O(log n) stored hashes. The
+//! writer computes the new hashes of a group ([`hashes_for_leaves`]) and stores them in the
+//! same atomic batch as the events ([`crate::store`]); nothing is ever rescanned, except
+//! once at start-up for a log written before the tree existed ([`catch_up`]).
+
+use tlog_tiles::{Hash, HashReader};
+
+use crate::store::{CommitBatch, Store, StoreError};
+
+pub use tlog_tiles::EMPTY_HASH;
+
+/// A proof that cannot be made or does not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum ProofError {
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("the proof does not verify: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The RFC 6962 leaf hash of an event, from its chain hash.
+pub fn leaf_hash(event_hash: &[u8; 32]) -> Hash {
+    tlog_tiles::record_hash(event_hash)
+}
+
+/// Stored hashes, read from the store.
+struct StoredTree<'a>(&'a Store);
+
+impl HashReader for StoredTree<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        // tlog_tiles' error type has no room for an I/O error: keep its message.
+        self.0
+            .tree_hashes(indexes)
+            .map(|hashes| hashes.into_iter().map(Hash).collect())
+            .map_err(|e| tlog_tiles::Error::InvalidInput(e.to_string()))
+    }
+}
+
+/// Stored hashes, with a group's new ones (from `base` on) not yet in the store.
+struct Pending<'a> {
+    store: &'a Store,
+    base: u64,
+    new: &'a [[u8; 32]],
+}
+
+impl HashReader for Pending<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        let mut out = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            match index.checked_sub(self.base) {
+                Some(i) => out.push(Hash(
+                    *self
+                        .new
+                        .get(i as usize)
+                        .ok_or(tlog_tiles::Error::IndexesNotInTree)?,
+                )),
+                None => out.extend(StoredTree(self.store).read_hashes(&[index])?),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The stored hashes to add when leaves with these event hashes are appended to a tree
+/// of `size` leaves; they go at stored-hash index [`first_index`]`(size)` on.
+pub fn hashes_for_leaves<'e>(
+    store: &Store,
+    size: u64,
+    event_hashes: impl IntoIterator<Item = &'e [u8; 32]>,
+) -> Result<Vec<[u8; 32]>, StoreError> {
+    let base = first_index(size);
+    let mut new: Vec<[u8; 32]> = Vec::new();
+    for (i, event_hash) in event_hashes.into_iter().enumerate() {
+        let reader = Pending {
+            store,
+            base,
+            new: &new,
+        };
+        let hashes = tlog_tiles::stored_hashes_for_record_hash(
+            size + i as u64,
+            leaf_hash(event_hash),
+            &reader,
+        )
+        .map_err(|e| StoreError::Corrupt(format!("Merkle tree: {e}")))?;
+        new.extend(hashes.into_iter().map(|h| h.0));
+    }
+    Ok(new)
+}
+
+/// Where the stored hashes of leaf `size` (the next one) start.
+pub fn first_index(size: u64) -> u64 {
+    tlog_tiles::stored_hash_count(size)
+}
+
+/// The root of the tree of the first `size` leaves.
+pub fn root(store: &Store, size: u64) -> Result<Hash, ProofError> {
+    tlog_tiles::tree_hash(size, &StoredTree(store)).map_err(tree_error)
+}
+
+/// The inclusion proof of leaf `index` in the tree of `size` leaves (RFC 6962 order:
+/// the sibling nearest the leaf first).
+pub fn inclusion_proof(store: &Store, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
+    if index >= size {
+        return Err(ProofError::OutOfRange(format!(
+            "leaf index {index} is not below tree size {size}"
+        )));
+    }
+    tlog_tiles::prove_record(size, index, &StoredTree(store)).map_err(tree_error)
+}
+
+/// The consistency proof from the tree of `from` leaves to the tree of `to` leaves.
+pub fn consistency_proof(store: &Store, from: u64, to: u64) -> Result<Vec<Hash>, ProofError> {
+    if from == 0 || from > to {
+        return Err(ProofError::OutOfRange(format!(
+            "need 1 ≤ from ≤ to, got from {from}, to {to}"
+        )));
+    }
+    tlog_tiles::prove_tree(to, from, &StoredTree(store)).map_err(tree_error)
+}
+
+fn tree_error(e: tlog_tiles::Error) -> ProofError {
+    ProofError::Store(StoreError::Corrupt(format!("Merkle tree: {e}")))
+}
+
+/// Checks that `proof` shows leaf `index` (with `leaf`) in the tree of `size` leaves
+/// whose root is `root`.
+pub fn verify_inclusion(
+    proof: &[Hash],
+    index: u64,
+    size: u64,
+    leaf: Hash,
+    root: Hash,
+) -> Result<(), ProofError> {
+    if index >= size {
+        return Err(ProofError::Invalid(format!(
+            "leaf index {index} is not below tree size {size}"
+        )));
+    }
+    if proof.len() > 64 {
+        return Err(ProofError::Invalid("the proof is too long".into()));
+    }
+    tlog_tiles::check_record(&proof.to_vec(), size, root, index, leaf)
+        .map_err(|e| ProofError::Invalid(e.to_string()))
+}
+
+/// Checks that `proof` shows the tree of `from` leaves (root `old`) is a prefix of the
+/// tree of `to` leaves (root `new`). From the empty tree, only an empty proof and the
+/// empty root are accepted.
+pub fn verify_consistency(
+    proof: &[Hash],
+    from: u64,
+    to: u64,
+    old: Hash,
+    new: Hash,
+) -> Result<(), ProofError> {
+    if from > to {
+        return Err(ProofError::Invalid(format!(
+            "the old tree ({from}) is larger than the new one ({to})"
+        )));
+    }
+    if proof.len() > 128 {
+        return Err(ProofError::Invalid("the proof is too long".into()));
+    }
+    if from == 0 {
+        return if old == EMPTY_HASH && proof.is_empty() {
+            Ok(())
+        } else {
+            Err(ProofError::Invalid(
+                "a size-0 tree has the empty root and an empty proof".into(),
+            ))
+        };
+    }
+    tlog_tiles::check_tree(&proof.to_vec(), to, new, from, old)
+        .map_err(|e| ProofError::Invalid(e.to_string()))
+}
+
+/// Brings the tree up to the log at start-up: checks that the stored tree ends at the
+/// log's head (the newest leaf is the head's hash), and builds the missing part for a log
+/// written before the tree existed. Returns how many leaves it added.
+pub fn catch_up(store: &Store) -> Result<u64, StoreError> {
+    let head = store.head();
+    let stored = store.tree_hash_count()?;
+    let leaves = leaves_for_hash_count(stored).ok_or_else(|| {
+        StoreError::Corrupt(format!("{stored} Merkle hashes do not end a whole leaf"))
+    })?;
+    if leaves > head.seq {
+        return Err(StoreError::Corrupt(format!(
+            "the Merkle tree has {leaves} leaves but the log only {} events",
+            head.seq
+        )));
+    }
+    if leaves > 0 {
+        // The newest stored leaf must be the hash of the event at that seq.
+        let stored_leaf = store.tree_hashes(&[tlog_tiles::stored_hash_index(0, leaves - 1)])?;
+        let event = store
+            .get_by_seq(leaves)?
+            .ok_or_else(|| StoreError::Corrupt(format!("event seq {leaves} is missing")))?;
+        let hash = crate::chain::inspect_line(event.line.as_bytes())
+            .map_err(StoreError::Corrupt)?
+            .stated_hash;
+        if stored_leaf.first() != Some(&leaf_hash(&hash).0) {
+            return Err(StoreError::Corrupt(format!(
+                "the Merkle leaf of seq {leaves} does not match the event's hash"
+            )));
+        }
+    }
+    let mut size = leaves;
+    let mut scan = store.scan_from_seq(leaves + 1)?.peekable();
+    while scan.peek().is_some() {
+        let mut hashes = Vec::new();
+        for event in scan.by_ref().take(10_000) {
+            let event = event?;
+            hashes.push(
+                crate::chain::inspect_line(event.line.as_bytes())
+                    .map_err(StoreError::Corrupt)?
+                    .stated_hash,
+            );
+        }
+        let new = hashes_for_leaves(store, size, &hashes)?;
+        let mut batch = CommitBatch::default();
+        batch.add_tree_hashes(first_index(size), &new);
+        store.apply(batch)?;
+        size += hashes.len() as u64;
+    }
+    if size > leaves {
+        store.sync()?;
+    }
+    Ok(size - leaves)
+}
+
+/// The number of leaves whose tree has exactly `count` stored hashes, if any.
+fn leaves_for_hash_count(count: u64) -> Option<u64> {
+    // stored_hash_count is increasing; it is about 2n, so n is at most count.
+    let (mut lo, mut hi) = (0u64, count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if tlog_tiles::stored_hash_count(mid) < count {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    (tlog_tiles::stored_hash_count(lo) == count).then_some(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 6962's MTH, straight from its definition.
+    fn naive_root(leaves: &[Hash]) -> Hash {
+        match leaves.len() {
+            0 => EMPTY_HASH,
+            1 => leaves[0],
+            n => {
+                let k = (n - 1).next_power_of_two() / 2;
+                let k = if k == 0 { 1 } else { k };
+                tlog_tiles::node_hash(naive_root(&leaves[..k]), naive_root(&leaves[k..]))
+            }
+        }
+    }
+
+    #[test]
+    fn hash_counts_map_back_to_leaves() {
+        for n in 0..2000 {
+            assert_eq!(
+                leaves_for_hash_count(tlog_tiles::stored_hash_count(n)),
+                Some(n)
+            );
+        }
+        assert_eq!(
+            leaves_for_hash_count(2),
+            None,
+            "1 leaf = 1 hash, 2 leaves = 3"
+        );
+    }
+
+    #[test]
+    fn naive_root_matches_rfc6962_shapes() {
+        let l: Vec<Hash> = (0u8..5).map(|i| leaf_hash(&[i; 32])).collect();
+        let n = tlog_tiles::node_hash;
+        assert_eq!(naive_root(&l[..1]), l[0]);
+        assert_eq!(naive_root(&l[..3]), n(n(l[0], l[1]), l[2]));
+        assert_eq!(
+            naive_root(&l[..5]),
+            n(n(n(l[0], l[1]), n(l[2], l[3])), l[4])
+        );
+    }
+}
