@@ -234,8 +234,9 @@ def parse_event(line, what):
 
 
 def event_leaf(e):
-    # cairn's Merkle leaf for an event: SHA-256(0x00 || the 32 raw bytes of its `hash`).
-    return sha256(b"\x00", bytes.fromhex(e["hash"]))
+    # The event's `hash` is already SHA-256(0x00 || JCS(record)), the RFC 6962 leaf hash
+    # of its canonical record (SPEC §1): the chain link and the Merkle leaf are one value.
+    return bytes.fromhex(e["hash"])
 
 
 def read_export(path):
@@ -289,7 +290,8 @@ def cmd_export(args):
 
 
 def cmd_proof(args):
-    head, sep, note = utf8(read(args.file), args.file).partition("\n\n")  # proof lines, blank line, checkpoint note
+    # Proof lines (magic, extra, index, hashes), a blank line, then the signed checkpoint note.
+    head, sep, note = utf8(read(args.file), args.file).partition("\n\n")
     lines = head.split("\n")
     check(sep and lines[0] == "c2sp.org/tlog-proof@v1",
           f"{args.file}: not a c2sp.org/tlog-proof@v1 file")

@@ -350,3 +350,74 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Chec
     }
     Ok(())
 }
+
+/// A C2SP `tlog-proof`: an offline-verifiable proof that one event is in the log.
+/// `extra` carries the event's line, so the proof stands alone.
+#[derive(Debug, Clone)]
+pub struct TlogProof {
+    pub extra: Option<Vec<u8>>,
+    pub index: u64,
+    pub hashes: Vec<Hash>,
+    /// The signed checkpoint the proof is against.
+    pub checkpoint: String,
+}
+
+const TLOG_PROOF_HEADER: &str = "c2sp.org/tlog-proof@v1";
+
+impl TlogProof {
+    pub fn render(&self) -> String {
+        let mut out = format!("{TLOG_PROOF_HEADER}\n");
+        if let Some(extra) = &self.extra {
+            out.push_str(&format!("extra {}\n", BASE64.encode(extra)));
+        }
+        out.push_str(&format!("index {}\n", self.index));
+        for hash in &self.hashes {
+            out.push_str(&format!("{}\n", BASE64.encode(hash.0)));
+        }
+        out.push('\n');
+        out.push_str(&self.checkpoint);
+        out
+    }
+
+    pub fn parse(text: &str) -> Result<TlogProof, CheckpointError> {
+        let bad = |m: &str| CheckpointError::Invalid(format!("tlog-proof: {m}"));
+        let (head, checkpoint) = text
+            .split_once("\n\n")
+            .ok_or_else(|| bad("no empty line before the checkpoint"))?;
+        let mut lines = head.split('\n');
+        if lines.next() != Some(TLOG_PROOF_HEADER) {
+            return Err(bad("the first line must be c2sp.org/tlog-proof@v1"));
+        }
+        let mut line = lines.next().ok_or_else(|| bad("no index line"))?;
+        let mut extra = None;
+        if let Some(b64) = line.strip_prefix("extra ") {
+            extra = Some(
+                BASE64
+                    .decode(b64)
+                    .map_err(|_| bad("the extra line is not base64"))?,
+            );
+            line = lines.next().ok_or_else(|| bad("no index line"))?;
+        }
+        let index = line
+            .strip_prefix("index ")
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| bad("expected `index N`"))?;
+        let hashes = lines
+            .map(|l| {
+                BASE64
+                    .decode(l)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .map(Hash)
+                    .ok_or_else(|| bad("a proof line is not a base64 32-byte hash"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TlogProof {
+            extra,
+            index,
+            hashes,
+            checkpoint: checkpoint.to_string(),
+        })
+    }
+}

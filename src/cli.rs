@@ -29,8 +29,11 @@ pub enum Command {
     Export(ExportArgs),
     /// Print events as NDJSON; `--follow` keeps streaming, `--cursor-file` resumes.
     Events(EventsArgs),
-    /// Re-derive the hash chain of an export file, a server or a data directory.
+    /// Re-derive the hash chain of an export file, a server or a data directory; or
+    /// check a checkpoint (--checkpoint) or an inclusion proof (--proof).
     Verify(VerifyArgs),
+    /// Print an offline-verifiable inclusion proof (C2SP tlog-proof) for one event.
+    Proof(ProofArgs),
     /// Create, list or revoke tokens: on a stopped server's data directory, or with
     /// --url and an admin token on a running one.
     Token(TokenArgs),
@@ -187,7 +190,9 @@ pub struct EventsArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["file", "url", "data"])))]
+// Several may be present (CAIRN_URL comes from the environment): --proof, then --file,
+// then --data win over --url.
+#[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["file", "url", "data", "proof"])))]
 pub struct VerifyArgs {
     /// An NDJSON export ("-" for stdin).
     #[arg(long)]
@@ -207,4 +212,25 @@ pub struct VerifyArgs {
     /// The hash the last event must have (pins the end).
     #[arg(long)]
     pub expect_head: Option<String>,
+    /// With --url: a saved checkpoint. Checks the server's newest checkpoint and a
+    /// consistency proof from this one (the log only grew), then replaces the file.
+    #[arg(long, requires_all = ["url", "key"], conflicts_with_all = ["expect_prev", "expect_head"])]
+    pub checkpoint: Option<PathBuf>,
+    /// The log's verifier key (`origin+id+key`, from /v1/checkpoint/key).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// A `cairn proof` file (C2SP tlog-proof), checked offline with --key.
+    #[arg(long, requires = "key", conflicts_with_all = ["expect_prev", "expect_head"])]
+    pub proof: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProofArgs {
+    #[command(flatten)]
+    pub remote: Remote,
+    /// The event: its seq, or its id (an allow-listed token needs the id).
+    pub event: String,
+    /// Seconds to wait for a checkpoint that covers the event.
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
 }

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Export(args) => commands::export::run(&args),
         Command::Events(args) => commands::events::run(&args),
         Command::Verify(args) => commands::verify::run(&args),
+        Command::Proof(args) => commands::proof::run(&args),
         Command::Token(args) => commands::token::run(&args),
     };
     match result {

@@ -2,7 +2,8 @@
 //!
 //! The hash chain catches an edited event but not a cut-off tail or a log rewritten from
 //! scratch; a signed tree head can. Leaf `i` is the event of seq `i + 1`, and its leaf
-//! hash is `SHA-256(0x00 ‖ the event's 32-byte hash)`.
+//! hash *is* the event's `hash`: that is already `SHA-256(0x00 ‖ canonical record)`, the
+//! RFC 6962 leaf hash of the record (SPEC §1), so chain link and leaf are one value.
 //!
 //! The arithmetic is Go's `sumdb/tlog` (as the `tlog_tiles` crate): every complete
 //! subtree's hash is stored once, at a dense *stored-hash index*, so appending leaf `n`
@@ -29,9 +30,9 @@ pub enum ProofError {
     Store(#[from] StoreError),
 }
 
-/// The RFC 6962 leaf hash of an event, from its chain hash.
+/// The RFC 6962 leaf hash of an event: its chain hash, as is.
 pub fn leaf_hash(event_hash: &[u8; 32]) -> Hash {
-    tlog_tiles::record_hash(event_hash)
+    Hash(*event_hash)
 }
 
 /// Stored hashes, read from the store.
@@ -264,8 +265,8 @@ mod tests {
             0 => EMPTY_HASH,
             1 => leaves[0],
             n => {
-                let k = (n - 1).next_power_of_two() / 2;
-                let k = if k == 0 { 1 } else { k };
+                // The largest power of two below n.
+                let k = 1 << (n - 1).ilog2();
                 tlog_tiles::node_hash(naive_root(&leaves[..k]), naive_root(&leaves[k..]))
             }
         }
@@ -288,7 +289,7 @@ mod tests {
 
     #[test]
     fn naive_root_matches_rfc6962_shapes() {
-        let l: Vec<Hash> = (0u8..5).map(|i| leaf_hash(&[i; 32])).collect();
+        let l: Vec<Hash> = (0u8..5).map(|i| tlog_tiles::record_hash(&[i])).collect();
         let n = tlog_tiles::node_hash;
         assert_eq!(naive_root(&l[..1]), l[0]);
         assert_eq!(naive_root(&l[..3]), n(n(l[0], l[1]), l[2]));

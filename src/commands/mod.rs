@@ -3,6 +3,7 @@
 pub mod append;
 pub mod events;
 pub mod export;
+pub mod proof;
 pub mod token;
 pub mod verify;
 

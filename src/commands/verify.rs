@@ -17,6 +17,15 @@ fn parse_hash(flag: &str, text: &str) -> Result<[u8; 32], String> {
 }
 
 pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
+    if let (Some(path), Some(key)) = (&args.proof, &args.key) {
+        return super::proof::verify_file(path, key);
+    }
+    if let (Some(path), Some(url), Some(key)) = (&args.checkpoint, &args.url, &args.key)
+        && args.file.is_none()
+        && args.data.is_none()
+    {
+        return super::proof::verify_checkpoint(url, args.token.clone(), path, key);
+    }
     let mut verifier = Verifier::new();
     if let Some(prev) = &args.expect_prev {
         verifier = verifier.expect_prev(parse_hash("--expect-prev", prev)?);
@@ -40,6 +49,10 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
                 &mut progress,
             )?
         }
+    } else if let Some(dir) = &args.data {
+        let store = Store::open(DataDir::lock_existing(dir).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        verify_store(&store, &mut verifier, &mut progress)?
     } else if let Some(url) = &args.url {
         let client = Client::new(url, args.token.clone())?;
         let response = client.get("/v1/export?since=earliest")?;
@@ -48,10 +61,6 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
             &mut verifier,
             &mut progress,
         )?
-    } else if let Some(dir) = &args.data {
-        let store = Store::open(DataDir::lock_existing(dir).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-        verify_store(&store, &mut verifier, &mut progress)?
     } else {
         return Err("give --file, --url or --data".into());
     };
