@@ -145,7 +145,7 @@ impl Checkpointer {
                         previous.size
                     )));
                 }
-                if merkle::root(&checkpointer.store, previous.size)? != previous.root {
+                if merkle::root(&*checkpointer.store, previous.size)? != previous.root {
                     return Err(CheckpointError::Diverged(format!(
                         "the log's first {} events no longer match the last signed checkpoint",
                         previous.size
@@ -186,10 +186,10 @@ impl Checkpointer {
         if self.flush_first {
             self.store.sync()?;
         }
-        let root = merkle::root(&self.store, size)?;
+        let root = merkle::root(&*self.store, size)?;
         if previous.size > 0 {
-            let proof = merkle::consistency_proof(&self.store, previous.size, size)?;
-            merkle::verify_consistency(&proof, previous.size, size, previous.root, root)?;
+            let proof = merkle::consistency_proof(&*self.store, previous.size, size)?;
+            merkle::verify_consistency(&proof, previous.size, size, &previous.root.0, &root.0)?;
         }
         let signed = self.sign(size, root)?;
         self.persist(&signed)?;

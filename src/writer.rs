@@ -357,7 +357,7 @@ impl WriterState {
         }
         batch.add_events(&all_events);
         // The tree's new hashes go in the same atomic batch as the events they cover.
-        let applied = merkle::hashes_for_leaves(&self.store, start_head.seq, &event_hashes)
+        let applied = merkle::hashes_for_leaves(&*self.store, start_head.seq, &event_hashes)
             .and_then(|tree| {
                 batch.add_tree_hashes(merkle::first_index(start_head.seq), &tree);
                 self.store.apply(batch)

@@ -128,6 +128,22 @@ impl Browser {
         self.call(json!({"op": "eval", "js": js}))
     }
 
+    /// Polls `js` until it returns something other than `null`; panics after the timeout.
+    fn wait_js(&mut self, what: &str, js: &str) -> Value {
+        let deadline = Instant::now() + PAGE_TIMEOUT;
+        loop {
+            let value = self.eval(js);
+            if !value.is_null() {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {PAGE_TIMEOUT:?} waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// What the page shows now.
     fn view(&mut self) -> View {
         serde_json::from_value(self.eval(VIEW_JS)).expect("view shape")
@@ -318,7 +334,11 @@ fn page_shows_new_events_filters_pauses_and_verifies() {
 
     // A row expands to the full event, hash and prev_hash included.
     browser.click("#feed li[data-seq='5'] summary");
-    let shown = browser.eval("document.querySelector(\"#feed li[data-seq='5'] pre\").textContent");
+    // The row fills in its JSON on the `toggle` event, which fires a moment after the click.
+    let shown = browser.wait_js(
+        "the expanded JSON of seq 5",
+        "document.querySelector(\"#feed li[data-seq='5'] pre\")?.textContent ?? null",
+    );
     let shown: Value = serde_json::from_str(shown.as_str().expect("pre text")).expect("JSON");
     let stored: Value =
         serde_json::from_str(&s.export_lines()[4]).expect("the 5th event of the export");

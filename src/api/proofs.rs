@@ -73,7 +73,7 @@ pub async fn inclusion(
                 return Err(ApiError::not_found(format!("no event with seq {seq}")));
             }
         }
-        merkle::inclusion_proof(&store, seq - 1, size).map_err(proof_error)
+        merkle::inclusion_proof(&*store, seq - 1, size).map_err(proof_error)
     })
     .await
     .map_err(ApiError::internal)??;
@@ -108,7 +108,7 @@ pub async fn consistency(
         ));
     }
     let store = state.store.clone();
-    let hashes = tokio::task::spawn_blocking(move || merkle::consistency_proof(&store, from, to))
+    let hashes = tokio::task::spawn_blocking(move || merkle::consistency_proof(&*store, from, to))
         .await
         .map_err(ApiError::internal)?
         .map_err(proof_error)?;

@@ -173,8 +173,8 @@ fn check_proof(text: &str, vkey: &str) -> Result<(u64, String, Signed), String> 
         &proof.hashes,
         proof.index,
         signed.size,
-        merkle::leaf_hash(&info.stated_hash),
-        signed.root,
+        &merkle::leaf_hash(&info.stated_hash).0,
+        &signed.root.0,
     )
     .map_err(|e| e.to_string())?;
     Ok((info.seq, info.id.to_string(), signed))
@@ -241,7 +241,7 @@ pub fn verify_checkpoint(
                 ));
             }
             if let Err(e) =
-                merkle::verify_consistency(&proof, old.size, new.size, old.root, new.root)
+                merkle::verify_consistency(&proof, old.size, new.size, &old.root.0, &new.root.0)
             {
                 return fail(format!(
                     "the server's checkpoint (size {}) is not consistent with the saved one (size {}): {e}",
