@@ -5,13 +5,16 @@
 //! ```text
 //! POST /v1/events ─► api::ingest ─► event::parse_request ─► writer (queue)
 //!                     (validate, JCS of data, in parallel)        │
-//!   writer thread: ids, seq, chain::seal (hash) ─► store::apply (one sled batch)
+//!   writer thread: ids, seq, chain::seal (hash), merkle (tree nodes)
+//!                  ─► store::apply (one sled batch)
 //!                  ─► store::sync (one fsync per group) ─► committed ─► acknowledge
 //!   publisher thread: merges committed groups ─► broadcast to live subscribers
 //!
 //! GET /v1/events, /v1/export, /v1/verify ─► api::read ─► store scans (≤ committed head)
 //! GET /v1/events/stream ─► api::stream ─► subscription: subscribe to the broadcast,
 //!                          replay the store from the cursor, then live (lag → store)
+//! checkpoint task: every second the log grew ─► merkle root ─► sign ─► data/checkpoint
+//! GET /v1/checkpoint, /v1/proof/* ─► api::proofs ─► merkle (O(log n) stored hashes)
 //! ```
 //!
 //! Start at [`writer`] (who appends, and when an event counts as committed), then
@@ -26,6 +29,8 @@
 //! | [`ijson`] | strict JSON: duplicate keys, unsafe integers |
 //! | [`rfc3339`] | timestamps kept exactly as given, normalised to UTC |
 //! | [`chain`] | canonical record, hash, chain verification |
+//! | [`merkle`] | the RFC 6962 tree over the events: stored hashes, roots, proofs |
+//! | [`checkpoint`] | signing key, signed checkpoints, the tlog-proof format |
 //! | [`store`] | sled layout, data-directory lock, committed head |
 //! | [`writer`] | single writer, group commit, publisher |
 //! | [`subscription`] | replay-then-live, exactly once, for every stream |

@@ -3,7 +3,7 @@
 //! Requests queue on a channel. The writer thread owns the head (seq, id, hash), the
 //! ULID generator and the idempotency check. It takes every request that is waiting,
 //! gives each event its id, seq and hash (`chain::seal`), packs the events into chunks,
-//! applies them as one atomic sled batch, makes them durable with one flush, marks them
+//! computes the Merkle tree's new nodes (`merkle`), applies them all as one atomic sled batch, makes them durable with one flush, marks them
 //! committed in the store, answers every request of the group and hands the events to
 //! the publisher thread, which broadcasts them to live subscribers. Requests that arrive during the flush form the next group:
 //! that is the group commit.

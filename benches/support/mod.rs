@@ -59,6 +59,13 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// The server binary: this build, or `CAIRN_BENCH_BIN` (another build, for A/B runs).
+pub fn binary() -> PathBuf {
+    std::env::var_os("CAIRN_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cairn")))
+}
+
 /// `cairn serve` on a free loopback port and a fresh data directory, killed on drop.
 pub struct Server {
     pub child: Child,
@@ -73,7 +80,7 @@ impl Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        let child = Command::new(binary())
             .args(["serve", "--listen", &addr, "--sync", sync])
             .args(extra)
             .arg("--data")
