@@ -328,13 +328,15 @@ fn server_checkpoints_and_proofs_check_out_independently() {
     let forged_line = line.replacen("\"data\":{", "\"data\":{\"x\":1,", 1);
     assert_ne!(forged_line, line);
     let forged = tlog_proof.replace(extra, &BASE64.encode(forged_line));
-    for (what, bad) in [("index", edited), ("event", forged)] {
+    // A proof hash of the wrong length.
+    let short = tlog_proof.replacen("\nindex 6\n", "\nindex 6\nAAAA\n", 1);
+    for (what, bad) in [("index", edited), ("event", forged), ("hash length", short)] {
         let path = write(tmp.path(), "bad.tlog-proof", &bad);
         let (code, _, err) = cairn(&["verify", "--proof", &path, "--key", &key], &[]);
         assert_eq!(code, 1, "{what}: {err}");
         assert!(err.contains("FAILED"), "{err}");
         let (ok, _) = auditor(&["proof", "--key", &key, &path]);
-        assert!(!ok, "the auditor accepted a proof with an edited {what}");
+        assert!(!ok, "the auditor accepted a proof with a bad {what}");
     }
     let other_key = key.replacen('+', "+0", 1);
     let (code, _, _) = cairn(
