@@ -141,6 +141,18 @@ fn parse_hash(hex_text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+#[derive(Deserialize)]
+struct HashOnly<'a> {
+    hash: &'a str,
+}
+
+/// The `hash` member of a stored line, without validating or re-hashing the rest (the
+/// Merkle tree reads a few leaves this way; `inspect_line` is the check).
+pub fn stated_hash(line: &[u8]) -> Result<[u8; 32], String> {
+    let fields: HashOnly = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    parse_hash(fields.hash).ok_or_else(|| "hash is not 64 lowercase hex digits".to_string())
+}
+
 /// Parses one served line (full JSON validation) and recomputes its hash.
 pub fn inspect_line(line: &[u8]) -> Result<LineInfo, String> {
     let fields: ChainFields<'_> =

@@ -19,6 +19,13 @@ use crate::store::{CommitBatch, Store, StoreError};
 
 pub use tlog_tiles::EMPTY_HASH;
 
+/// Subtrees of `2^STORED_FROM_LEVEL` leaves and larger have their hashes stored; smaller
+/// ones are recomputed from the events' hashes (at most 63 node hashes from 64 leaves)
+/// when a proof or a root needs them. Storing every level (about two hashes, 64 bytes of
+/// incompressible data per event) cost ingest ~8% in sled writes; from level 6 up it is
+/// about one hash per 32 events.
+pub const STORED_FROM_LEVEL: u8 = 6;
+
 /// A proof that cannot be made or does not verify.
 #[derive(Debug, thiserror::Error)]
 pub enum ProofError {
@@ -35,51 +42,89 @@ pub fn leaf_hash(event_hash: &[u8; 32]) -> Hash {
     Hash(*event_hash)
 }
 
-/// Where stored hashes are read from: the store, or memory (tests, fuzzing).
-pub trait TreeHashes {
-    fn tree_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError>;
+/// Where the tree's hashes come from: the store, or memory (tests, fuzzing).
+pub trait TreeStorage {
+    /// The stored hash at stored-hash index `index` (level ≥ [`STORED_FROM_LEVEL`]),
+    /// written with leaf `leaf`.
+    fn stored_hash(&self, index: u64, leaf: u64) -> Result<[u8; 32], StoreError>;
+    /// The leaf hashes of leaves `first..first + count`.
+    fn leaf_hashes(&self, first: u64, count: u64) -> Result<Vec<[u8; 32]>, StoreError>;
 }
 
-impl TreeHashes for Store {
-    fn tree_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError> {
-        Store::tree_hashes(self, indexes)
+impl TreeStorage for Store {
+    fn stored_hash(&self, index: u64, leaf: u64) -> Result<[u8; 32], StoreError> {
+        self.tree_hash(index, leaf)
+    }
+
+    fn leaf_hashes(&self, first: u64, count: u64) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.event_hashes(first + 1, count)
     }
 }
 
-/// Stored hashes in memory, by stored-hash index.
-impl TreeHashes for Vec<[u8; 32]> {
-    fn tree_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>, StoreError> {
-        indexes
-            .iter()
-            .map(|&i| {
-                self.get(i as usize)
-                    .copied()
-                    .ok_or_else(|| StoreError::Corrupt(format!("Merkle tree hash {i} is missing")))
-            })
-            .collect()
+/// A tree in memory: stored hashes by index, and the leaves.
+#[derive(Default)]
+pub struct MemoryTree {
+    pub stored: std::collections::HashMap<u64, [u8; 32]>,
+    pub leaves: Vec<[u8; 32]>,
+}
+
+impl TreeStorage for MemoryTree {
+    fn stored_hash(&self, index: u64, _leaf: u64) -> Result<[u8; 32], StoreError> {
+        self.stored
+            .get(&index)
+            .copied()
+            .ok_or_else(|| StoreError::Corrupt(format!("Merkle tree hash {index} is missing")))
+    }
+
+    fn leaf_hashes(&self, first: u64, count: u64) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.leaves
+            .get(first as usize..(first + count) as usize)
+            .map(<[_]>::to_vec)
+            .ok_or_else(|| StoreError::Corrupt(format!("leaves {first}.. are missing")))
     }
 }
 
-struct StoredTree<'a, T: ?Sized>(&'a T);
+/// The leaf whose append writes the hash at `(level, n)`: the last leaf of that subtree.
+fn writing_leaf(level: u8, n: u64) -> u64 {
+    ((n + 1) << level) - 1
+}
 
-impl<T: TreeHashes + ?Sized> HashReader for StoredTree<'_, T> {
+/// One hash by stored-hash index: read if stored, else recomputed from its leaves.
+fn hash_at<T: TreeStorage + ?Sized>(tree: &T, index: u64) -> Result<Hash, StoreError> {
+    let (level, n) = tlog_tiles::split_stored_hash_index(index);
+    if level >= STORED_FROM_LEVEL {
+        return tree.stored_hash(index, writing_leaf(level, n)).map(Hash);
+    }
+    let leaves: Vec<Hash> = tree
+        .leaf_hashes(n << level, 1 << level)?
+        .into_iter()
+        .map(Hash)
+        .collect();
+    Ok(naive::root(&leaves))
+}
+
+struct Reader<'a, T: ?Sized>(&'a T);
+
+impl<T: TreeStorage + ?Sized> HashReader for Reader<'_, T> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
         // tlog_tiles' error type has no room for an I/O error: keep its message.
-        self.0
-            .tree_hashes(indexes)
-            .map(|hashes| hashes.into_iter().map(Hash).collect())
+        indexes
+            .iter()
+            .map(|&i| hash_at(self.0, i))
+            .collect::<Result<_, _>>()
             .map_err(|e| tlog_tiles::Error::InvalidInput(e.to_string()))
     }
 }
 
-/// Stored hashes, with a group's new ones (from `base` on) not yet in the store.
+/// The tree with a group's new hashes (all levels, from stored-hash index `base` on)
+/// not yet in storage.
 struct Pending<'a, T: ?Sized> {
-    store: &'a T,
+    tree: &'a T,
     base: u64,
     new: &'a [[u8; 32]],
 }
 
-impl<T: TreeHashes + ?Sized> HashReader for Pending<'_, T> {
+impl<T: TreeStorage + ?Sized> HashReader for Pending<'_, T> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
         let mut out = Vec::with_capacity(indexes.len());
         for &index in indexes {
@@ -90,53 +135,65 @@ impl<T: TreeHashes + ?Sized> HashReader for Pending<'_, T> {
                         .get(i as usize)
                         .ok_or(tlog_tiles::Error::IndexesNotInTree)?,
                 )),
-                None => out.extend(StoredTree(self.store).read_hashes(&[index])?),
+                None => out.extend(Reader(self.tree).read_hashes(&[index])?),
             }
         }
         Ok(out)
     }
 }
 
-/// The stored hashes to add when leaves with these event hashes are appended to a tree
-/// of `size` leaves; they go at stored-hash index [`first_index`]`(size)` on.
-pub fn hashes_for_leaves<'e, T: TreeHashes + ?Sized>(
-    store: &T,
+/// The tree hashes to store when leaves with these hashes are appended to a tree of
+/// `size` leaves: (stored-hash index, the leaf that wrote it, hash), levels ≥
+/// [`STORED_FROM_LEVEL`] only, in index order.
+pub fn hashes_for_leaves<'e, T: TreeStorage + ?Sized>(
+    tree: &T,
     size: u64,
-    event_hashes: impl IntoIterator<Item = &'e [u8; 32]>,
-) -> Result<Vec<[u8; 32]>, StoreError> {
-    let base = first_index(size);
+    leaf_hashes: impl IntoIterator<Item = &'e [u8; 32]>,
+) -> Result<Vec<(u64, u64, [u8; 32])>, StoreError> {
+    let base = tlog_tiles::stored_hash_count(size);
     let mut new: Vec<[u8; 32]> = Vec::new();
-    for (i, event_hash) in event_hashes.into_iter().enumerate() {
-        let reader = Pending {
-            store,
+    let mut keep = Vec::new();
+    for (i, leaf) in leaf_hashes.into_iter().enumerate() {
+        let leaf_index = size + i as u64;
+        let pending = Pending {
+            tree,
             base,
             new: &new,
         };
-        let hashes = tlog_tiles::stored_hashes_for_record_hash(
-            size + i as u64,
-            leaf_hash(event_hash),
-            &reader,
-        )
-        .map_err(|e| StoreError::Corrupt(format!("Merkle tree: {e}")))?;
-        new.extend(hashes.into_iter().map(|h| h.0));
+        let hashes =
+            tlog_tiles::stored_hashes_for_record_hash(leaf_index, leaf_hash(leaf), &pending)
+                .map_err(|e| StoreError::Corrupt(format!("Merkle tree: {e}")))?;
+        // hashes[level] is the subtree of 2^level leaves this leaf completes.
+        for (level, hash) in hashes.iter().enumerate() {
+            if level >= STORED_FROM_LEVEL as usize {
+                let index = base + new.len() as u64 + level as u64;
+                keep.push((index, leaf_index, hash.0));
+            }
+        }
+        new.extend(hashes.iter().map(|h| h.0));
     }
-    Ok(new)
+    Ok(keep)
 }
 
-/// Where the stored hashes of leaf `size` (the next one) start.
-pub fn first_index(size: u64) -> u64 {
-    tlog_tiles::stored_hash_count(size)
+/// Appends leaves to an in-memory tree (tests, fuzzing).
+pub fn append_in_memory(tree: &mut MemoryTree, leaves: &[[u8; 32]]) -> Result<(), StoreError> {
+    let size = tree.leaves.len() as u64;
+    let stored = hashes_for_leaves(&*tree, size, leaves)?;
+    tree.stored
+        .extend(stored.into_iter().map(|(index, _, hash)| (index, hash)));
+    tree.leaves.extend_from_slice(leaves);
+    Ok(())
 }
 
 /// The root of the tree of the first `size` leaves.
-pub fn root<T: TreeHashes + ?Sized>(store: &T, size: u64) -> Result<Hash, ProofError> {
-    tlog_tiles::tree_hash(size, &StoredTree(store)).map_err(tree_error)
+pub fn root<T: TreeStorage + ?Sized>(tree: &T, size: u64) -> Result<Hash, ProofError> {
+    tlog_tiles::tree_hash(size, &Reader(tree)).map_err(tree_error)
 }
 
 /// The inclusion proof of leaf `index` in the tree of `size` leaves (RFC 6962 order:
 /// the sibling nearest the leaf first).
-pub fn inclusion_proof<T: TreeHashes + ?Sized>(
-    store: &T,
+pub fn inclusion_proof<T: TreeStorage + ?Sized>(
+    tree: &T,
     index: u64,
     size: u64,
 ) -> Result<Vec<Hash>, ProofError> {
@@ -145,12 +202,12 @@ pub fn inclusion_proof<T: TreeHashes + ?Sized>(
             "leaf index {index} is not below tree size {size}"
         )));
     }
-    tlog_tiles::prove_record(size, index, &StoredTree(store)).map_err(tree_error)
+    tlog_tiles::prove_record(size, index, &Reader(tree)).map_err(tree_error)
 }
 
 /// The consistency proof from the tree of `from` leaves to the tree of `to` leaves.
-pub fn consistency_proof<T: TreeHashes + ?Sized>(
-    store: &T,
+pub fn consistency_proof<T: TreeStorage + ?Sized>(
+    tree: &T,
     from: u64,
     to: u64,
 ) -> Result<Vec<Hash>, ProofError> {
@@ -159,7 +216,7 @@ pub fn consistency_proof<T: TreeHashes + ?Sized>(
             "need 1 ≤ from ≤ to, got from {from}, to {to}"
         )));
     }
-    tlog_tiles::prove_tree(to, from, &StoredTree(store)).map_err(tree_error)
+    tlog_tiles::prove_tree(to, from, &Reader(tree)).map_err(tree_error)
 }
 
 fn tree_error(e: tlog_tiles::Error) -> ProofError {
@@ -235,73 +292,31 @@ pub fn verify_consistency(
         .map_err(|e| ProofError::Invalid(e.to_string()))
 }
 
-/// Brings the tree up to the log at start-up: checks that the stored tree ends at the
-/// log's head (the newest leaf is the head's hash), and builds the missing part for a log
-/// written before the tree existed. Returns how many leaves it added.
+/// Brings the tree up to the log at start-up: the stored tree must not cover more
+/// leaves than the log has events, and a log written before the tree existed gets the
+/// missing part built. Returns how many leaves it added.
 pub fn catch_up(store: &Store) -> Result<u64, StoreError> {
-    let head = store.head();
-    let stored = store.tree_hash_count()?;
-    let leaves = leaves_for_hash_count(stored).ok_or_else(|| {
-        StoreError::Corrupt(format!("{stored} Merkle hashes do not end a whole leaf"))
-    })?;
-    if leaves > head.seq {
+    let head = store.head().seq;
+    let leaves = store.tree_leaves()?;
+    if leaves > head {
         return Err(StoreError::Corrupt(format!(
-            "the Merkle tree has {leaves} leaves but the log only {} events",
-            head.seq
+            "the Merkle tree has {leaves} leaves but the log only {head} events"
         )));
     }
-    if leaves > 0 {
-        // The newest stored leaf must be the hash of the event at that seq.
-        let stored_leaf = store.tree_hashes(&[tlog_tiles::stored_hash_index(0, leaves - 1)])?;
-        let event = store
-            .get_by_seq(leaves)?
-            .ok_or_else(|| StoreError::Corrupt(format!("event seq {leaves} is missing")))?;
-        let hash = crate::chain::inspect_line(event.line.as_bytes())
-            .map_err(StoreError::Corrupt)?
-            .stated_hash;
-        if stored_leaf.first() != Some(&leaf_hash(&hash).0) {
-            return Err(StoreError::Corrupt(format!(
-                "the Merkle leaf of seq {leaves} does not match the event's hash"
-            )));
-        }
-    }
     let mut size = leaves;
-    let mut scan = store.scan_from_seq(leaves + 1)?.peekable();
-    while scan.peek().is_some() {
-        let mut hashes = Vec::new();
-        for event in scan.by_ref().take(10_000) {
-            let event = event?;
-            hashes.push(
-                crate::chain::inspect_line(event.line.as_bytes())
-                    .map_err(StoreError::Corrupt)?
-                    .stated_hash,
-            );
-        }
-        let new = hashes_for_leaves(store, size, &hashes)?;
+    while size < head {
+        let count = (head - size).min(10_000);
+        let hashes = store.event_hashes(size + 1, count)?;
+        let stored = hashes_for_leaves(store, size, &hashes)?;
         let mut batch = CommitBatch::default();
-        batch.add_tree_hashes(first_index(size), &new);
+        batch.add_tree_hashes(size, count, &stored);
         store.apply(batch)?;
-        size += hashes.len() as u64;
+        size += count;
     }
     if size > leaves {
         store.sync()?;
     }
     Ok(size - leaves)
-}
-
-/// The number of leaves whose tree has exactly `count` stored hashes, if any.
-fn leaves_for_hash_count(count: u64) -> Option<u64> {
-    // stored_hash_count is increasing; it is about 2n, so n is at most count.
-    let (mut lo, mut hi) = (0u64, count);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if tlog_tiles::stored_hash_count(mid) < count {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    (tlog_tiles::stored_hash_count(lo) == count).then_some(lo)
 }
 
 /// RFC 6962 §2.1 as written: recursive, slow, obviously right. The reference the
@@ -376,40 +391,49 @@ mod tests {
     use super::*;
 
     /// Groups of these sizes (a writer's group commits), leaf hashes from a counter.
-    fn build(groups: &[usize]) -> (Vec<[u8; 32]>, Vec<Hash>) {
-        let mut stored: Vec<[u8; 32]> = Vec::new();
-        let mut leaves: Vec<Hash> = Vec::new();
+    fn build(groups: &[usize]) -> (MemoryTree, Vec<Hash>) {
+        let mut tree = MemoryTree::default();
         for &g in groups {
+            let size = tree.leaves.len();
             let hashes: Vec<[u8; 32]> = (0..g)
-                .map(|i| tlog_tiles::record_hash(&((leaves.len() + i) as u64).to_be_bytes()).0)
+                .map(|i| tlog_tiles::record_hash(&((size + i) as u64).to_be_bytes()).0)
                 .collect();
-            let new = hashes_for_leaves(&stored, leaves.len() as u64, &hashes).expect("append");
-            assert_eq!(stored.len() as u64, first_index(leaves.len() as u64));
-            stored.extend(new);
-            leaves.extend(hashes.iter().map(|h| Hash(*h)));
+            append_in_memory(&mut tree, &hashes).expect("append");
         }
-        (stored, leaves)
+        let leaves = tree.leaves.iter().map(|h| Hash(*h)).collect();
+        (tree, leaves)
+    }
+
+    #[test]
+    fn only_levels_from_6_up_are_stored() {
+        let (tree, _) = build(&[100, 28, 1, 127]);
+        assert_eq!(tree.leaves.len(), 256);
+        // Subtrees of 64, 128 and 256 leaves: 4 + 2 + 1.
+        assert_eq!(tree.stored.len(), 7);
+        for index in tree.stored.keys() {
+            assert!(tlog_tiles::split_stored_hash_index(*index).0 >= STORED_FROM_LEVEL);
+        }
     }
 
     #[test]
     fn incremental_tree_matches_the_naive_one() {
-        let (stored, leaves) = build(&[1, 2, 3, 1, 7, 16, 1, 30, 5, 64, 1, 2, 40]);
+        let (tree, leaves) = build(&[1, 2, 3, 1, 7, 16, 1, 30, 5, 64, 1, 2, 40, 70, 1, 100]);
         for size in 0..=leaves.len() {
             let size64 = size as u64;
             let expected = naive::root(&leaves[..size]);
             assert_eq!(
-                root(&stored, size64).expect("root"),
+                root(&tree, size64).expect("root"),
                 expected,
                 "root of {size}"
             );
-            for m in 0..size {
-                let proof = inclusion_proof(&stored, m as u64, size64).expect("inclusion");
+            for m in (0..size).step_by(7) {
+                let proof = inclusion_proof(&tree, m as u64, size64).expect("inclusion");
                 assert_eq!(proof, naive::path(m, &leaves[..size]), "PATH({m}, {size})");
                 verify_inclusion(&proof, m as u64, size64, &leaves[m].0, &expected.0)
                     .expect("verifies");
             }
-            for m in 1..=size {
-                let proof = consistency_proof(&stored, m as u64, size64).expect("consistency");
+            for m in (1..=size).step_by(5) {
+                let proof = consistency_proof(&tree, m as u64, size64).expect("consistency");
                 assert_eq!(
                     proof,
                     naive::consistency(m, &leaves[..size]),
@@ -420,21 +444,6 @@ mod tests {
                     .expect("verifies");
             }
         }
-    }
-
-    #[test]
-    fn hash_counts_map_back_to_leaves() {
-        for n in 0..2000 {
-            assert_eq!(
-                leaves_for_hash_count(tlog_tiles::stored_hash_count(n)),
-                Some(n)
-            );
-        }
-        assert_eq!(
-            leaves_for_hash_count(2),
-            None,
-            "1 leaf = 1 hash, 2 leaves = 3"
-        );
     }
 
     #[test]

@@ -10,12 +10,11 @@
 //! | `e` ‖ first ULID (16 B, big-endian) | a *chunk*: consecutive events, bincode, LZ4-compressed |
 //! | `s` ‖ first seq (8 B, big-endian) | the chunk's ULID (the seq index) |
 //! | `i` ‖ token id ‖ `0x00` ‖ key | an idempotency record |
-//! | `m` ‖ first stored-hash index (8 B, big-endian) | Merkle tree hashes, 32 B each, consecutive |
+//! | `m` ‖ first leaf (8 B, big-endian) | Merkle tree hashes written by a run of leaves: leaf count (8 B), then (stored-hash index (8 B), hash (32 B)) pairs |
 //!
 //! The Merkle hashes ([`crate::merkle`]) are written in the same batch as the events they
-//! cover, so the tree and the log never disagree after a crash. A group's new hashes
-//! have consecutive stored-hash indexes, so they go in as a few values of up to
-//! `TREE_HASHES_PER_VALUE`, and the hash at index `i` is in the last value keyed ≤ `i`.
+//! cover, so the tree and the log never disagree after a crash. The hash at stored-hash
+//! index `i` is written with a known leaf, so it is in the last `m` value keyed ≤ that leaf.
 //!
 //! Why chunks: a sled insert costs ~13 µs, so one key per event caps ingest near
 //! 70k events/s; a few keys per group commit lift that cap. A chunk is bincode,
@@ -70,8 +69,8 @@ const EVENT_PREFIX: u8 = b'e';
 const SEQ_PREFIX: u8 = b's';
 const IDEMPOTENCY_PREFIX: u8 = b'i';
 const TREE_PREFIX: u8 = b'm';
-/// 16 KiB values: well under `MAX_VALUE_BYTES`, and few per group commit.
-const TREE_HASHES_PER_VALUE: usize = 512;
+/// Leaves per tree value: with the tree's lower levels not stored, about 16 KiB.
+const TREE_LEAVES_PER_VALUE: u64 = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -344,11 +343,29 @@ impl CommitBatch {
             .insert(&seq_key(first.seq)[..], &first.id.0.to_be_bytes()[..]);
     }
 
-    /// Adds Merkle tree hashes with consecutive stored-hash indexes from `first_index`.
-    pub fn add_tree_hashes(&mut self, first_index: u64, hashes: &[[u8; 32]]) {
-        for (i, piece) in hashes.chunks(TREE_HASHES_PER_VALUE).enumerate() {
-            let index = first_index + (i * TREE_HASHES_PER_VALUE) as u64;
-            self.batch.insert(&tree_key(index)[..], piece.concat());
+    /// Adds the Merkle tree hashes written by leaves `first_leaf..first_leaf + leaves`:
+    /// (stored-hash index, hash) pairs in index order, each with the leaf that wrote it.
+    pub fn add_tree_hashes(
+        &mut self,
+        first_leaf: u64,
+        leaves: u64,
+        hashes: &[(u64, u64, [u8; 32])],
+    ) {
+        let mut rest = hashes;
+        let mut start = first_leaf;
+        let end = first_leaf + leaves;
+        while start < end {
+            let stop = (start + TREE_LEAVES_PER_VALUE).min(end);
+            let n = rest.iter().take_while(|(_, leaf, _)| *leaf < stop).count();
+            let mut value = Vec::with_capacity(8 + n * 40);
+            value.extend_from_slice(&(stop - start).to_be_bytes());
+            for (index, _, hash) in &rest[..n] {
+                value.extend_from_slice(&index.to_be_bytes());
+                value.extend_from_slice(hash);
+            }
+            self.batch.insert(&tree_key(start)[..], value);
+            rest = &rest[n..];
+            start = stop;
         }
     }
 
@@ -631,36 +648,34 @@ impl Store {
         self.scan_from_seq(from)?.collect()
     }
 
-    /// Merkle tree hashes by stored-hash index (applied, whether durable or not).
-    pub fn tree_hashes(&self, indexes: &[u64]) -> Result<Vec<[u8; 32]>> {
-        let mut out = Vec::with_capacity(indexes.len());
-        // Proofs ask for a few dozen indexes, often several from one value.
-        let mut value: Option<(u64, sled::IVec)> = None;
-        for &index in indexes {
-            let cached = value
-                .as_ref()
-                .is_some_and(|(first, v)| index >= *first && index < first + (v.len() / 32) as u64);
-            if !cached {
-                let (key, v) = self
-                    .log
-                    .range(&tree_key(0)[..]..=&tree_key(index)[..])
-                    .next_back()
-                    .ok_or_else(|| missing_tree_hash(index))??;
-                value = Some((index_from_tree_key(&key)?, v));
+    /// The stored Merkle tree hash at stored-hash index `index`, written with leaf `leaf`.
+    pub fn tree_hash(&self, index: u64, leaf: u64) -> Result<[u8; 32]> {
+        let missing = || StoreError::Corrupt(format!("Merkle tree hash {index} is missing"));
+        let (_, value) = self
+            .log
+            .range(&tree_key(0)[..]..=&tree_key(leaf)[..])
+            .next_back()
+            .ok_or_else(missing)??;
+        let pairs = value.get(8..).ok_or_else(missing)?;
+        // Pairs are in index order: binary search them.
+        let (mut lo, mut hi) = (0, pairs.len() / 40);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let at = &pairs[mid * 40..mid * 40 + 40];
+            let found = u64::from_be_bytes(at[..8].try_into().map_err(|_| missing())?);
+            match found.cmp(&index) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    return at[8..].try_into().map_err(|_| missing());
+                }
             }
-            let (first, v) = value.as_ref().ok_or_else(|| missing_tree_hash(index))?;
-            let offset = ((index - first) * 32) as usize;
-            let hash = v
-                .get(offset..offset + 32)
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .ok_or_else(|| missing_tree_hash(index))?;
-            out.push(hash);
         }
-        Ok(out)
+        Err(missing())
     }
 
-    /// How many Merkle tree hashes are stored.
-    pub fn tree_hash_count(&self) -> Result<u64> {
+    /// How many leaves the stored Merkle tree covers.
+    pub fn tree_leaves(&self) -> Result<u64> {
         match self
             .log
             .range(&tree_key(0)[..]..=&tree_key(u64::MAX)[..])
@@ -668,10 +683,31 @@ impl Store {
         {
             Some(kv) => {
                 let (key, value) = kv?;
-                Ok(index_from_tree_key(&key)? + (value.len() / 32) as u64)
+                let count = value
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt("malformed tree value".into()))?;
+                Ok(index_from_tree_key(&key)? + count)
             }
             None => Ok(0),
         }
+    }
+
+    /// The hashes of committed events `first_seq..first_seq + count`.
+    pub fn event_hashes(&self, first_seq: u64, count: u64) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::with_capacity(count as usize);
+        for event in self.scan_from_seq(first_seq)?.take(count as usize) {
+            let event = event?;
+            out.push(chain::stated_hash(event.line.as_bytes()).map_err(StoreError::Corrupt)?);
+        }
+        if out.len() as u64 != count {
+            return Err(StoreError::Corrupt(format!(
+                "events {first_seq}..{} are missing",
+                first_seq + count
+            )));
+        }
+        Ok(out)
     }
 
     pub fn idempotency(&self, token_id: &str, key: &str) -> Result<Option<IdempotencyRecord>> {
@@ -727,10 +763,6 @@ enum ScanFrom {
 }
 
 /// Forward iterator over committed events; reads one chunk at a time.
-fn missing_tree_hash(index: u64) -> StoreError {
-    StoreError::Corrupt(format!("Merkle tree hash {index} is missing"))
-}
-
 fn index_from_tree_key(key: &[u8]) -> Result<u64> {
     key.get(1..9)
         .and_then(|b| b.try_into().ok())

@@ -359,7 +359,7 @@ impl WriterState {
         // The tree's new hashes go in the same atomic batch as the events they cover.
         let applied = merkle::hashes_for_leaves(&*self.store, start_head.seq, &event_hashes)
             .and_then(|tree| {
-                batch.add_tree_hashes(merkle::first_index(start_head.seq), &tree);
+                batch.add_tree_hashes(start_head.seq, event_hashes.len() as u64, &tree);
                 self.store.apply(batch)
             });
         if let Err(e) = applied {

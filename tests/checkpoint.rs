@@ -570,3 +570,71 @@ fn checkpoints_survive_sigkill_and_stay_consistent() {
     merkle::verify_consistency(&hashes, old.size, 50, &old.root.0, &new.root.0)
         .expect("consistent across the crash");
 }
+
+/// Leaf hashes of the whole log, from its export.
+fn leaves_of(s: &Server) -> Vec<Hash> {
+    s.export_lines()
+        .iter()
+        .map(|l| {
+            let e: Value = serde_json::from_str(l).expect("line");
+            let mut h = [0u8; 32];
+            hex::decode_to_slice(e["hash"].as_str().expect("hash"), &mut h).expect("hex");
+            Hash(h)
+        })
+        .collect()
+}
+
+fn hex_list(hashes: &[Hash]) -> Value {
+    json!(hashes.iter().map(|h| hex::encode(h.0)).collect::<Vec<_>>())
+}
+
+/// Many group commits of uneven sizes, across a restart: every root and every proof the
+/// server gives is RFC 6962's, computed from the exported event hashes alone.
+#[test]
+fn proofs_over_many_groups_and_a_restart_match_rfc6962() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let mut s = Server::start_on(&data, &[]);
+    let sizes = [1usize, 63, 1, 64, 2, 127, 97, 5, 200, 33, 1, 70];
+    for (i, n) in sizes.iter().enumerate() {
+        append(&s, *n, if i % 2 == 0 { "audit" } else { "agent.call" });
+    }
+    s.terminate();
+    let s = Server::start_on(&data, &[]);
+    for n in [3usize, 129, 64] {
+        append(&s, n, "after.restart");
+    }
+    let note = checkpoint_at_head(&s);
+    let key = text(&s, "/v1/checkpoint/key").trim().to_string();
+    let signed = checkpoint::open(&note, &key).expect("valid");
+    let leaves = leaves_of(&s);
+    let total = leaves.len();
+    assert_eq!(total, sizes.iter().sum::<usize>() + 196);
+    assert_eq!(signed.size as usize, total);
+    assert_eq!(signed.root, naive::root(&leaves));
+    for seq in (1..=total).step_by(13).chain([total]) {
+        let (status, proof) = s.get(&format!("/v1/proof/inclusion?seq={seq}&size={total}"));
+        assert_eq!(status, 200, "{proof}");
+        assert_eq!(
+            proof["data"]["hashes"],
+            hex_list(&naive::path(seq - 1, &leaves)),
+            "PATH({}, {total})",
+            seq - 1
+        );
+    }
+    for size in (1..=total).step_by(29).chain([64, 128, 512, total]) {
+        let (status, proof) = s.get(&format!("/v1/proof/consistency?from={size}&to={total}"));
+        assert_eq!(status, 200, "{proof}");
+        assert_eq!(
+            proof["data"]["hashes"],
+            hex_list(&naive::consistency(size, &leaves)),
+            "PROOF({size}, {total})"
+        );
+        // And proofs within the log's past: inclusion in an earlier tree.
+        let (_, proof) = s.get(&format!("/v1/proof/inclusion?seq=1&size={size}"));
+        assert_eq!(
+            proof["data"]["hashes"],
+            hex_list(&naive::path(0, &leaves[..size]))
+        );
+    }
+}
