@@ -66,6 +66,7 @@ impl TreeStorage for Store {
 pub struct MemoryTree {
     pub stored: std::collections::HashMap<u64, [u8; 32]>,
     pub leaves: Vec<[u8; 32]>,
+    frontier: Frontier,
 }
 
 impl TreeStorage for MemoryTree {
@@ -116,47 +117,82 @@ impl<T: TreeStorage + ?Sized> HashReader for Reader<'_, T> {
     }
 }
 
+/// The roots of the perfect subtrees that make up a tree of `size` leaves (one per set
+/// bit of the size): all that appending to it reads. The writer keeps it between groups,
+/// so an append never reads the store, which would mean decoding events for the lower
+/// levels.
+#[derive(Default)]
+pub struct Frontier {
+    size: u64,
+    hashes: std::collections::HashMap<u64, [u8; 32]>,
+}
+
+impl Frontier {
+    /// Stored-hash indexes of the frontier of a tree of `size` leaves.
+    fn indexes(size: u64) -> impl Iterator<Item = u64> {
+        (0..64u8)
+            .filter(move |level| size >> level & 1 == 1)
+            .map(move |level| tlog_tiles::stored_hash_index(level, (size >> level) - 1))
+    }
+}
+
 /// The tree with a group's new hashes (all levels, from stored-hash index `base` on)
-/// not yet in storage.
+/// not yet in storage, and the frontier before them.
 struct Pending<'a, T: ?Sized> {
     tree: &'a T,
+    frontier: &'a Frontier,
     base: u64,
     new: &'a [[u8; 32]],
 }
 
+impl<T: TreeStorage + ?Sized> Pending<'_, T> {
+    fn hash(&self, index: u64) -> Result<[u8; 32], tlog_tiles::Error> {
+        match index.checked_sub(self.base) {
+            Some(i) => self
+                .new
+                .get(i as usize)
+                .copied()
+                .ok_or(tlog_tiles::Error::IndexesNotInTree),
+            None => match self.frontier.hashes.get(&index) {
+                Some(hash) => Ok(*hash),
+                None => Ok(Reader(self.tree).read_hashes(&[index])?[0].0),
+            },
+        }
+    }
+}
+
 impl<T: TreeStorage + ?Sized> HashReader for Pending<'_, T> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        let mut out = Vec::with_capacity(indexes.len());
-        for &index in indexes {
-            match index.checked_sub(self.base) {
-                Some(i) => out.push(Hash(
-                    *self
-                        .new
-                        .get(i as usize)
-                        .ok_or(tlog_tiles::Error::IndexesNotInTree)?,
-                )),
-                None => out.extend(Reader(self.tree).read_hashes(&[index])?),
-            }
-        }
-        Ok(out)
+        indexes.iter().map(|&i| self.hash(i).map(Hash)).collect()
     }
 }
 
 /// The tree hashes to store when leaves with these hashes are appended to a tree of
 /// `size` leaves: (stored-hash index, the leaf that wrote it, hash), levels ≥
-/// [`STORED_FROM_LEVEL`] only, in index order.
+/// [`STORED_FROM_LEVEL`] only, in index order. `frontier` is read (when it is of this
+/// size) and left at the new size.
 pub fn hashes_for_leaves<'e, T: TreeStorage + ?Sized>(
     tree: &T,
+    frontier: &mut Frontier,
     size: u64,
     leaf_hashes: impl IntoIterator<Item = &'e [u8; 32]>,
 ) -> Result<Vec<(u64, u64, [u8; 32])>, StoreError> {
+    if frontier.size != size {
+        *frontier = Frontier {
+            size,
+            hashes: Default::default(),
+        };
+    }
     let base = tlog_tiles::stored_hash_count(size);
     let mut new: Vec<[u8; 32]> = Vec::new();
     let mut keep = Vec::new();
-    for (i, leaf) in leaf_hashes.into_iter().enumerate() {
-        let leaf_index = size + i as u64;
+    let mut appended = 0;
+    for leaf in leaf_hashes {
+        let leaf_index = size + appended;
+        appended += 1;
         let pending = Pending {
             tree,
+            frontier,
             base,
             new: &new,
         };
@@ -172,13 +208,30 @@ pub fn hashes_for_leaves<'e, T: TreeStorage + ?Sized>(
         }
         new.extend(hashes.iter().map(|h| h.0));
     }
+    let new_size = size + appended;
+    let pending = Pending {
+        tree,
+        frontier,
+        base,
+        new: &new,
+    };
+    let hashes = Frontier::indexes(new_size)
+        .map(|index| pending.hash(index).map(|h| (index, h)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::Corrupt(format!("Merkle tree: {e}")))?;
+    *frontier = Frontier {
+        size: new_size,
+        hashes,
+    };
     Ok(keep)
 }
 
 /// Appends leaves to an in-memory tree (tests, fuzzing).
 pub fn append_in_memory(tree: &mut MemoryTree, leaves: &[[u8; 32]]) -> Result<(), StoreError> {
     let size = tree.leaves.len() as u64;
-    let stored = hashes_for_leaves(&*tree, size, leaves)?;
+    let mut frontier = std::mem::take(&mut tree.frontier);
+    let stored = hashes_for_leaves(&*tree, &mut frontier, size, leaves)?;
+    tree.frontier = frontier;
     tree.stored
         .extend(stored.into_iter().map(|(index, _, hash)| (index, hash)));
     tree.leaves.extend_from_slice(leaves);
@@ -304,10 +357,11 @@ pub fn catch_up(store: &Store) -> Result<u64, StoreError> {
         )));
     }
     let mut size = leaves;
+    let mut frontier = Frontier::default();
     while size < head {
         let count = (head - size).min(10_000);
         let hashes = store.event_hashes(size + 1, count)?;
-        let stored = hashes_for_leaves(store, size, &hashes)?;
+        let stored = hashes_for_leaves(store, &mut frontier, size, &hashes)?;
         let mut batch = CommitBatch::default();
         batch.add_tree_hashes(size, count, &stored);
         store.apply(batch)?;

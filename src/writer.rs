@@ -130,6 +130,7 @@ impl Writer {
             publish,
             failed: failed.clone(),
             last_prune: None,
+            frontier: merkle::Frontier::default(),
         };
         let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
@@ -201,6 +202,9 @@ struct WriterState {
     publish: std::sync::mpsc::Sender<Vec<Event>>,
     failed: Arc<AtomicBool>,
     last_prune: Option<Instant>,
+    /// The Merkle tree's right edge, so appending never reads the store (reset by its
+    /// size check if a group fails).
+    frontier: merkle::Frontier,
 }
 
 /// Most events merged into one broadcast message.
@@ -357,11 +361,16 @@ impl WriterState {
         }
         batch.add_events(&all_events);
         // The tree's new hashes go in the same atomic batch as the events they cover.
-        let applied = merkle::hashes_for_leaves(&*self.store, start_head.seq, &event_hashes)
-            .and_then(|tree| {
-                batch.add_tree_hashes(start_head.seq, event_hashes.len() as u64, &tree);
-                self.store.apply(batch)
-            });
+        let applied = merkle::hashes_for_leaves(
+            &*self.store,
+            &mut self.frontier,
+            start_head.seq,
+            &event_hashes,
+        )
+        .and_then(|tree| {
+            batch.add_tree_hashes(start_head.seq, event_hashes.len() as u64, &tree);
+            self.store.apply(batch)
+        });
         if let Err(e) = applied {
             // Nothing of this group reached the store: roll the head back, and fail every
             // request that appended or that replays a key first used in this group.
