@@ -6,12 +6,14 @@
 //! RFC 6962 leaf hash of the record (SPEC §1), so chain link and leaf are one value.
 //!
 //! The arithmetic is Go's `sumdb/tlog` (as the `tlog_tiles` crate): every complete
-//! subtree's hash is stored once, at a dense *stored-hash index*, so appending leaf `n`
-//! stores `1 + trailing ones of n` hashes (just under two per event on average), and a
-//! root, an inclusion proof or a consistency proof reads O(log n) stored hashes. The
-//! writer computes the new hashes of a group ([`hashes_for_leaves`]) and stores them in the
-//! same atomic batch as the events ([`crate::store`]); nothing is ever rescanned, except
-//! once at start-up for a log written before the tree existed ([`catch_up`]).
+//! subtree has a dense *stored-hash index* (about two per leaf), and a root, an inclusion
+//! proof or a consistency proof needs O(log n) of them. cairn stores those of subtrees of
+//! 64 leaves and up ([`STORED_FROM_LEVEL`]), one hash per ~32 events, written by the writer
+//! ([`hashes_for_leaves`]) in the same atomic batch as the events ([`crate::store`]). The
+//! smaller ones are recomputed from the events' own hashes: a proof reads at most one
+//! 64-event block per side, never a scan of the log. The writer keeps the tree's right
+//! edge ([`Frontier`]) so appending reads nothing. A log written before the tree existed
+//! gets it built once at start-up ([`catch_up`]).
 
 use tlog_tiles::{Hash, HashReader};
 
@@ -90,29 +92,54 @@ fn writing_leaf(level: u8, n: u64) -> u64 {
     ((n + 1) << level) - 1
 }
 
-/// One hash by stored-hash index: read if stored, else recomputed from its leaves.
-fn hash_at<T: TreeStorage + ?Sized>(tree: &T, index: u64) -> Result<Hash, StoreError> {
-    let (level, n) = tlog_tiles::split_stored_hash_index(index);
-    if level >= STORED_FROM_LEVEL {
-        return tree.stored_hash(index, writing_leaf(level, n)).map(Hash);
-    }
-    let leaves: Vec<Hash> = tree
-        .leaf_hashes(n << level, 1 << level)?
-        .into_iter()
-        .map(Hash)
-        .collect();
-    Ok(naive::root(&leaves))
-}
-
 struct Reader<'a, T: ?Sized>(&'a T);
+
+impl<T: TreeStorage + ?Sized> Reader<'_, T> {
+    /// Hashes by stored-hash index: read if stored, else recomputed from their leaves,
+    /// reading each block of `2^STORED_FROM_LEVEL` leaves once.
+    fn hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, StoreError> {
+        let block_of = |first: u64| first >> STORED_FROM_LEVEL;
+        // The leaves each block must provide: from its start to the furthest one needed.
+        let mut ends: std::collections::HashMap<u64, u64> = Default::default();
+        for &index in indexes {
+            let (level, n) = tlog_tiles::split_stored_hash_index(index);
+            if level < STORED_FROM_LEVEL {
+                let end = (n + 1) << level;
+                let e = ends.entry(block_of(n << level)).or_default();
+                *e = (*e).max(end);
+            }
+        }
+        let mut blocks = std::collections::HashMap::new();
+        for (block, end) in ends {
+            let start = block << STORED_FROM_LEVEL;
+            blocks.insert(block, self.0.leaf_hashes(start, end - start)?);
+        }
+        indexes
+            .iter()
+            .map(|&index| {
+                let (level, n) = tlog_tiles::split_stored_hash_index(index);
+                if level >= STORED_FROM_LEVEL {
+                    return self.0.stored_hash(index, writing_leaf(level, n)).map(Hash);
+                }
+                let first = n << level;
+                let offset = (first - (block_of(first) << STORED_FROM_LEVEL)) as usize;
+                let leaves: Vec<Hash> = blocks
+                    .get(&block_of(first))
+                    .and_then(|b| b.get(offset..offset + (1 << level)))
+                    .ok_or_else(|| StoreError::Corrupt(format!("leaves {first}.. are missing")))?
+                    .iter()
+                    .map(|h| Hash(*h))
+                    .collect();
+                Ok(naive::root(&leaves))
+            })
+            .collect()
+    }
+}
 
 impl<T: TreeStorage + ?Sized> HashReader for Reader<'_, T> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
         // tlog_tiles' error type has no room for an I/O error: keep its message.
-        indexes
-            .iter()
-            .map(|&i| hash_at(self.0, i))
-            .collect::<Result<_, _>>()
+        self.hashes(indexes)
             .map_err(|e| tlog_tiles::Error::InvalidInput(e.to_string()))
     }
 }

@@ -694,18 +694,33 @@ impl Store {
         }
     }
 
-    /// The hashes of committed events `first_seq..first_seq + count`.
+    /// The hashes of committed events `first_seq..first_seq + count`, through the chunk
+    /// cache (proofs read the same few chunks again and again).
     pub fn event_hashes(&self, first_seq: u64, count: u64) -> Result<Vec<[u8; 32]>> {
-        let mut out = Vec::with_capacity(count as usize);
-        for event in self.scan_from_seq(first_seq)?.take(count as usize) {
-            let event = event?;
-            out.push(chain::stated_hash(event.line.as_bytes()).map_err(StoreError::Corrupt)?);
-        }
-        if out.len() as u64 != count {
+        let end = first_seq + count;
+        if first_seq == 0 || end - 1 > self.head().seq {
             return Err(StoreError::Corrupt(format!(
-                "events {first_seq}..{} are missing",
-                first_seq + count
+                "events {first_seq}..{end} are not all in the log"
             )));
+        }
+        let mut out = Vec::with_capacity(count as usize);
+        let mut seq = first_seq;
+        while seq < end {
+            let chunk = self
+                .chunk_id_for_seq(seq)?
+                .map(|id| self.chunk(&event_key(id)))
+                .transpose()?
+                .flatten()
+                .ok_or_else(|| StoreError::Corrupt(format!("event seq {seq} is missing")))?;
+            let first = chunk.first().map_or(0, |e| e.seq);
+            let events = chunk
+                .get((seq - first) as usize..)
+                .filter(|events| !events.is_empty())
+                .ok_or_else(|| StoreError::Corrupt(format!("event seq {seq} is missing")))?;
+            for event in events.iter().take((end - seq) as usize) {
+                out.push(chain::stated_hash(event.line.as_bytes()).map_err(StoreError::Corrupt)?);
+            }
+            seq = first_seq + out.len() as u64;
         }
         Ok(out)
     }
