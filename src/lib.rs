@@ -39,6 +39,7 @@
 //! | [`api`] | axum routes (ingest, read, stream, tokens, ops) and the error body |
 //! | [`server`] | `cairn serve`: start-up checks, HTTP/1.1 serving, draining |
 //! | [`shutdown`] | SIGTERM/SIGINT |
+//! | [`telemetry`] | Prometheus metrics |
 //! | [`client`] | the HTTP client remote commands share |
 
 pub mod api;
@@ -57,4 +58,5 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod subscription;
+pub mod telemetry;
 pub mod writer;

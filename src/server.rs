@@ -61,6 +61,8 @@ pub enum ServeError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Re-derives the chain of the newest events; a break means the data was altered or
@@ -151,6 +153,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         },
         stream_stats: Default::default(),
         checkpoints: checkpoints.clone(),
+        metrics: crate::telemetry::install().map_err(ServeError::Metrics)?,
     };
     let listener = TcpListener::bind(opts.listen)
         .await

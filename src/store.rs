@@ -458,6 +458,11 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes the database takes on disk (0 if sled cannot tell).
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     /// Makes everything applied so far durable.
     pub fn sync(&self) -> Result<()> {
         self.db.flush()?;

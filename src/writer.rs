@@ -34,6 +34,7 @@ use crate::merkle;
 use crate::rfc3339;
 use crate::store::{CommitBatch, Head, IdempotencyRecord, Store};
 use crate::subscription::Committed;
+use crate::telemetry;
 
 /// How long idempotency keys are kept (SPEC: at least 24 h).
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -397,8 +398,11 @@ impl WriterState {
 
     /// Makes the group durable, then answers its requests and publishes its events.
     fn finish(&self, group: Group) {
+        let started = Instant::now();
         if self.sync == SyncMode::Fsync
-            && let Err(e) = self.store.sync()
+            && let Err(e) = self.store.sync().inspect(|()| {
+                metrics::histogram!(telemetry::FSYNC_DURATION).record(started.elapsed());
+            })
         {
             tracing::error!(error = %e, "flushing the log to disk failed; refusing further appends");
             self.failed.store(true, Ordering::Release);
@@ -414,6 +418,9 @@ impl WriterState {
                 outcome.and(Err(unavailable()))
             };
             let _ = reply.send(outcome);
+        }
+        if durable {
+            metrics::counter!(telemetry::EVENTS_INGESTED).increment(group.events.len() as u64);
         }
         if durable && !group.events.is_empty() {
             // Committed (above) before published: subscriptions rely on that order.

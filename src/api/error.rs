@@ -86,6 +86,7 @@ struct Body<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        metrics::counter!(crate::telemetry::REQUESTS_REJECTED, "code" => self.code).increment(1);
         let body = Body {
             error: &self.message,
             code: self.code,

@@ -128,6 +128,17 @@ pub async fn append(
     caller: Caller,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let response = append_timed(state, caller, request).await;
+    metrics::histogram!(crate::telemetry::INGEST_DURATION).record(started.elapsed());
+    response
+}
+
+async fn append_timed(
+    state: AppState,
+    caller: Caller,
+    request: Request,
+) -> Result<Response, ApiError> {
     caller.require(Role::Ingest)?;
     let (parts, body) = request.into_parts();
     let format = body_format(&parts.headers)?;

@@ -16,6 +16,23 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     }))
 }
 
+/// `GET /metrics`: Prometheus text, no token (SPEC §2).
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let body = crate::telemetry::render(
+        &state.metrics,
+        &state.store,
+        state.streams.open(),
+        &state.stream_stats,
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+}
+
 /// `GET /`: the dashboard, one self-contained page embedded in the binary (no token needed;
 /// the page asks for one and sends it only to `/v1` routes).
 pub async fn dashboard() -> impl IntoResponse {

@@ -205,6 +205,30 @@ impl Server {
         self.post("/v1/events", "application/json", body.to_string())
     }
 
+    /// `GET /metrics` (no token), as `name{labels}` → value.
+    pub fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        let r = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .expect("GET /metrics");
+        assert_eq!(r.status().as_u16(), 200);
+        r.text()
+            .expect("metrics text")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One metric's value (0 when absent: Prometheus counters start absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics().get(name).copied().unwrap_or(0.0)
+    }
+
     /// The head object of `GET /v1/head`.
     pub fn head(&self) -> Value {
         let (status, body) = self.get("/v1/head");
