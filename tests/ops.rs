@@ -62,7 +62,13 @@ fn metrics_count_ingest_rejections_streams_and_the_log() {
         s.metric("cairn_events_delivered_total") >= 8.0
     });
 
-    let text = s.http().get(s.url("/metrics")).send().unwrap().text().unwrap();
+    let text = s
+        .http()
+        .get(s.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(
         text.contains("# TYPE cairn_ingest_duration_seconds histogram"),
         "{text}"
