@@ -2,7 +2,10 @@
 //! its acknowledged seq, requests stay atomic across a crash, the log stays a contiguous,
 //! correctly hashed chain, and ids and seqs continue across restarts.
 //!
-//! `CAIRN_CRASH_ROUNDS` raises the number of kill/restart rounds (default 8).
+//! Each SIGKILL round also streams while it ingests: everything a stream delivered before
+//! the kill is in the log afterwards, with the same hash, without a gap.
+//!
+//! `CAIRN_CRASH_ROUNDS` sets the number of kill/restart rounds (default 20) for longer runs.
 
 mod common;
 
@@ -427,7 +430,35 @@ fn crash_rounds() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n| n >= 1)
-        .unwrap_or(8)
+        .unwrap_or(20)
+}
+
+/// Reads a stream from `since` until the server goes away; returns (seq, hash) of every
+/// event it delivered.
+fn stream_until_gone(url: String, token: String, since: String) -> Vec<(u64, String)> {
+    use std::io::BufRead;
+    let http = reqwest::blocking::Client::builder()
+        .timeout(None::<Duration>)
+        .build()
+        .expect("client");
+    let Ok(response) = http
+        .get(format!("{url}/v1/events/stream?since={since}"))
+        .bearer_auth(token)
+        .send()
+    else {
+        return Vec::new();
+    };
+    let mut got = Vec::new();
+    for line in std::io::BufReader::new(response).lines() {
+        let Ok(line) = line else { break };
+        if let Some(data) = line.strip_prefix("data: ")
+            && let Ok(e) = serde_json::from_str::<Value>(data)
+            && let (Some(seq), Some(hash)) = (e["seq"].as_u64(), e["hash"].as_str())
+        {
+            got.push((seq, hash.to_string()));
+        }
+    }
+    got
 }
 
 /// `cairn verify --data` on a stopped server's directory, pinned to `head_hash`.
@@ -454,6 +485,7 @@ fn sigkill_during_concurrent_ingest_loses_no_acknowledged_event() {
     let mut acks: Vec<Ack> = Vec::new();
     let mut lines: Vec<String> = Vec::new();
     let mut token = String::new();
+    let mut streamed_per_round: Vec<(u64, Vec<(u64, String)>)> = Vec::new();
 
     for round in 0..rounds {
         let mut s = Server::start_on(&data, &[]);
@@ -471,6 +503,13 @@ fn sigkill_during_concurrent_ingest_loses_no_acknowledged_event() {
                 .to_string()
         });
 
+        let since = last_id_before
+            .clone()
+            .unwrap_or_else(|| "00000000000000000000000000".into());
+        let streamer = {
+            let (url, token) = (s.url(""), s.token.clone());
+            std::thread::spawn(move || stream_until_gone(url, token, since))
+        };
         let shared = Arc::new(Shared::default());
         let handles = spawn_clients(&s, round, &shared);
         // Vary the moment of the kill from round to round.
@@ -484,6 +523,7 @@ fn sigkill_during_concurrent_ingest_loses_no_acknowledged_event() {
         s.kill();
         shared.done.store(true, Ordering::SeqCst);
         join_clients(handles, &shared);
+        let streamed = streamer.join().expect("streamer");
 
         let round_acks = std::mem::take(&mut *shared.acks.lock().unwrap());
         assert!(round_acks.len() >= target, "round {round}: acks");
@@ -519,17 +559,38 @@ fn sigkill_during_concurrent_ingest_loses_no_acknowledged_event() {
             round_acks.iter().map(|a| a.ids.len()).sum::<usize>()
         );
         acks.extend(round_acks);
+        streamed_per_round.push((start_head, streamed));
     }
 
     // Recovery after the last kill, then a clean stop and the offline check.
     let mut s = Server::start_on(&data, &[]);
     lines = check_log(&s, &acks, &lines, "after the last restart");
+    // What each round's stream delivered before its kill: contiguous from that round's
+    // head, and in the log with the same hash (nothing served was taken back).
+    let mut streamed_total = 0;
+    for (round, (start_head, streamed)) in streamed_per_round.iter().enumerate() {
+        for (i, (seq, hash)) in streamed.iter().enumerate() {
+            assert_eq!(
+                *seq,
+                start_head + 1 + i as u64,
+                "round {round}: stream gap or repeat"
+            );
+            let line: Value = serde_json::from_str(&lines[*seq as usize - 1]).expect("line");
+            assert_eq!(
+                line["hash"],
+                hash.as_str(),
+                "round {round}: seq {seq} changed after the crash"
+            );
+        }
+        streamed_total += streamed.len();
+    }
+    assert!(streamed_total > 0, "the streams delivered nothing");
     let head = s.head();
     let status = s.terminate();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
     offline_verify(&data, head["hash"].as_str().expect("head hash"));
     eprintln!(
-        "{rounds} SIGKILL rounds: {} acknowledged requests, {} acknowledged events, {} events in the log, {:?}",
+        "{rounds} SIGKILL rounds: {} acknowledged requests, {} acknowledged events, {} events in the log, {streamed_total} streamed, {:?}",
         acks.len(),
         acks.iter().map(|a| a.ids.len()).sum::<usize>(),
         lines.len(),
