@@ -123,3 +123,74 @@ fn sync_none_still_flushes_on_graceful_shutdown() {
         "acknowledged events are on disk after SIGTERM"
     );
 }
+
+/// `cairn serve` that must fail at start: returns its exit code and stderr.
+fn serve_fails(data: &std::path::Path, as_nobody: bool) -> (i32, String) {
+    let mut command = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let out = command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .output()
+        .expect("run cairn serve");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// As root, permissions do not stop writes: run as `nobody` (setpriv) to meet a
+/// directory it may not write, the way a misconfigured service account would.
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+#[test]
+fn an_unusable_data_directory_is_a_clear_start_up_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A path through a regular file cannot be created.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, err) = serve_fails(&file.join("data"), false);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("a-file/data") && err.contains("Not a directory"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    // A directory the server may not write: one it would create, and one holding a log.
+    let as_nobody = running_as_root();
+    use std::os::unix::fs::PermissionsExt;
+    let locked = tmp.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    let existing = locked.join("existing");
+    let mut s = Server::start_on(&existing, &[]);
+    assert_eq!(s.post_json(&json!({"type": "kept"})).0, 201);
+    s.terminate();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o555)).unwrap();
+    for data in [locked.join("new"), existing.clone()] {
+        let (code, err) = serve_fails(&data, as_nobody);
+        assert_eq!(code, 1, "{}: {err}", data.display());
+        assert!(
+            err.contains(&data.display().to_string()) && err.contains("Permission denied"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The log is untouched.
+    let s = Server::start_on(&existing, &[]);
+    assert_eq!(s.head()["seq"], 1);
+}
