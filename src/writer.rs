@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -99,7 +99,7 @@ struct Request {
 pub struct Writer {
     tx: mpsc::Sender<Request>,
     events: broadcast::Sender<Arc<Committed>>,
-    failed: Arc<AtomicBool>,
+    failed: Failure,
 }
 
 /// Joins the writer (and publisher) threads once every [`Writer`] handle is dropped.
@@ -121,7 +121,7 @@ impl Writer {
     pub fn start(store: Arc<Store>, sync: SyncMode) -> std::io::Result<(Writer, WriterThread)> {
         let (tx, rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let failed = Arc::new(AtomicBool::new(false));
+        let failed = Failure::default();
         let (publish, to_publish) = std::sync::mpsc::channel();
         let state = WriterState {
             head: store.head(),
@@ -152,8 +152,8 @@ impl Writer {
         events: Vec<NewEvent>,
         idempotency: Option<IdempotencyKey>,
     ) -> Result<Appended, AppendError> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(unavailable());
+        if self.failed.get().is_some() {
+            return Err(unavailable(&self.failed));
         }
         let (reply, answer) = oneshot::channel();
         self.tx
@@ -175,10 +175,14 @@ impl Writer {
     }
 }
 
-fn unavailable() -> AppendError {
-    AppendError::Unavailable(
-        "an earlier flush to disk failed; restart the server to re-check the log".into(),
-    )
+/// Why the log stopped taking appends: set once, by the first failed flush.
+type Failure = Arc<OnceLock<String>>;
+
+fn unavailable(failure: &Failure) -> AppendError {
+    AppendError::Unavailable(format!(
+        "flushing the log to disk failed ({}); restart the server to re-check the log",
+        failure.get().map_or("unknown cause", String::as_str)
+    ))
 }
 
 fn now_unix_ms() -> u64 {
@@ -201,7 +205,7 @@ struct WriterState {
     rx: mpsc::Receiver<Request>,
     /// Committed groups, in log order, for the publisher thread.
     publish: std::sync::mpsc::Sender<Vec<Event>>,
-    failed: Arc<AtomicBool>,
+    failed: Failure,
     last_prune: Option<Instant>,
     /// The Merkle tree's right edge, so appending never reads the store (reset by its
     /// size check if a group fails).
@@ -257,9 +261,9 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
-            if self.failed.load(Ordering::Acquire) {
+            if self.failed.get().is_some() {
                 for r in requests {
-                    let _ = r.reply.send(Err(unavailable()));
+                    let _ = r.reply.send(Err(unavailable(&self.failed)));
                 }
                 continue;
             }
@@ -405,9 +409,9 @@ impl WriterState {
             })
         {
             tracing::error!(error = %e, "flushing the log to disk failed; refusing further appends");
-            self.failed.store(true, Ordering::Release);
+            let _ = self.failed.set(e.to_string());
         }
-        let durable = !self.failed.load(Ordering::Acquire);
+        let durable = self.failed.get().is_none();
         if durable {
             self.store.set_committed(group.head);
         }
@@ -415,7 +419,7 @@ impl WriterState {
             let outcome = if durable {
                 outcome
             } else {
-                outcome.and(Err(unavailable()))
+                outcome.and(Err(unavailable(&self.failed)))
             };
             let _ = reply.send(outcome);
         }
