@@ -46,6 +46,20 @@ pub fn parse_until(s: &str) -> Result<Ulid, String> {
     }
 }
 
+/// A `Last-Event-ID` header value: empty (after trimming) means none was given; else it
+/// must be an event id.
+pub fn parse_last_event_id(value: &[u8]) -> Result<Option<Ulid>, &'static str> {
+    let text = std::str::from_utf8(value)
+        .map_err(|_| "must be a ULID (an event id)")?
+        .trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_ulid(text)
+        .map(Some)
+        .ok_or("must be a ULID (an event id)")
+}
+
 /// A 26-character Crockford base32 ULID (either case). The first character carries
 /// only 3 bits, so anything above `7` would overflow 128 bits (the ulid crate wraps it).
 pub fn parse_ulid(s: &str) -> Option<Ulid> {

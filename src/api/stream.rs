@@ -95,16 +95,11 @@ fn start_cursor(
     selection: &Selection,
     head_id: Option<Ulid>,
 ) -> Result<Ulid, ApiError> {
-    if let Some(value) = headers.get("last-event-id") {
-        let text = value
-            .to_str()
-            .map_err(|_| ApiError::bad_param("Last-Event-ID", "must be a ULID"))?
-            .trim();
-        if !text.is_empty() {
-            return cursor::parse_ulid(text).ok_or_else(|| {
-                ApiError::bad_param("Last-Event-ID", "must be a ULID (an event id)")
-            });
-        }
+    if let Some(value) = headers.get("last-event-id")
+        && let Some(id) = cursor::parse_last_event_id(value.as_bytes())
+            .map_err(|m| ApiError::bad_param("Last-Event-ID", m))?
+    {
+        return Ok(id);
     }
     if params.contains_key("since") {
         return Ok(selection.after);
