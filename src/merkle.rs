@@ -372,6 +372,151 @@ pub fn verify_consistency(
         .map_err(|e| ProofError::Invalid(e.to_string()))
 }
 
+/// Whether `[start, end)` is a subtree in the sense of Merkle Tree Certificates
+/// (draft-davidben-tls-merkle-tree-certs): non-empty, and `start` a multiple of the
+/// smallest power of two ≥ its size.
+pub fn is_subtree(start: u64, end: u64) -> bool {
+    start < end
+        && (end - start)
+            .checked_next_power_of_two()
+            .is_some_and(|width| start % width == 0)
+}
+
+/// Checks that leaf `index` (hash `leaf`) is in the subtree `[start, end)` whose hash is
+/// `subtree_hash`: a subtree inclusion proof, for an auditor who holds the hash of a
+/// stretch of the log (say, one day's events) rather than of a whole tree.
+pub fn verify_subtree_inclusion(
+    proof: &[Hash],
+    index: u64,
+    start: u64,
+    end: u64,
+    leaf: &[u8],
+    subtree_hash: &[u8],
+) -> Result<(), ProofError> {
+    if !is_subtree(start, end) || !(start..end).contains(&index) {
+        return Err(ProofError::Invalid(format!(
+            "leaf {index} is not in a subtree [{start}, {end})"
+        )));
+    }
+    let (leaf, subtree_hash) = (
+        hash_of(leaf, "leaf hash")?,
+        hash_of(subtree_hash, "subtree hash")?,
+    );
+    let offset = index - start;
+    let root = evaluate_subtree_proof(proof, end - start, offset, offset + 1, &leaf.0)?;
+    if root == subtree_hash.0 {
+        Ok(())
+    } else {
+        Err(ProofError::Invalid(
+            "the subtree hash does not match".into(),
+        ))
+    }
+}
+
+/// Checks that the subtree `[start, end)` with hash `subtree_hash` is part of the tree of
+/// `size` leaves whose root is `root` (a subtree consistency proof). An empty subtree
+/// is part of any tree, with the empty hash and an empty proof.
+pub fn verify_subtree_consistency(
+    proof: &[Hash],
+    start: u64,
+    end: u64,
+    size: u64,
+    subtree_hash: &[u8],
+    root: &[u8],
+) -> Result<(), ProofError> {
+    if start == end && end <= size {
+        return if proof.is_empty() && subtree_hash == EMPTY_HASH.0 {
+            Ok(())
+        } else {
+            Err(ProofError::Invalid(
+                "an empty subtree has the empty hash and an empty proof".into(),
+            ))
+        };
+    }
+    let computed = evaluate_subtree_proof(proof, size, start, end, subtree_hash)?;
+    if computed == root {
+        Ok(())
+    } else {
+        Err(ProofError::Invalid("the root does not match".into()))
+    }
+}
+
+fn node_bytes(left: &[u8], right: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    Sha256::new()
+        .chain_update([1u8])
+        .chain_update(left)
+        .chain_update(right)
+        .finalize()
+        .to_vec()
+}
+
+/// The root of a tree of `size` leaves implied by `proof` for the subtree `[start, end)`
+/// with hash `node` (the draft's subtree consistency evaluation, of which RFC 9162's
+/// consistency check is the `start = 0` case). `first`, `second` and `third` are the
+/// paths to the subtree's first and last leaves and the tree's last leaf; each proof hash
+/// moves them one level up.
+fn evaluate_subtree_proof(
+    proof: &[Hash],
+    size: u64,
+    start: u64,
+    end: u64,
+    node: &[u8],
+) -> Result<Vec<u8>, ProofError> {
+    let invalid = |m: &str| ProofError::Invalid(m.to_string());
+    if !is_subtree(start, end) || size < end {
+        return Err(invalid("not a subtree of this tree"));
+    }
+    let (mut first, mut second, mut third) = (start, end - 1, size - 1);
+    let up = |first: &mut u64, second: &mut u64, third: &mut u64| {
+        *first >>= 1;
+        *second >>= 1;
+        *third >>= 1;
+    };
+    // Skip to the level where the proof starts: the subtree's root when its right edge
+    // is the tree's, else the largest full subtree on its right edge.
+    if second == third {
+        while first != second {
+            up(&mut first, &mut second, &mut third);
+        }
+    } else {
+        while first != second && second & 1 == 1 {
+            up(&mut first, &mut second, &mut third);
+        }
+    }
+    let mut hashes = proof.iter();
+    let (mut subtree, mut tree) = if first == second {
+        (node.to_vec(), node.to_vec())
+    } else {
+        let h = hashes.next().ok_or_else(|| invalid("the proof is empty"))?;
+        (h.0.to_vec(), h.0.to_vec())
+    };
+    for p in hashes {
+        if third == 0 {
+            return Err(invalid("the proof is too long"));
+        }
+        if second & 1 == 1 || second == third {
+            if first < second {
+                subtree = node_bytes(&p.0, &subtree);
+            }
+            tree = node_bytes(&p.0, &tree);
+            while second & 1 == 0 {
+                up(&mut first, &mut second, &mut third);
+            }
+        } else {
+            tree = node_bytes(&tree, &p.0);
+        }
+        up(&mut first, &mut second, &mut third);
+    }
+    if third != 0 {
+        return Err(invalid("the proof is too short"));
+    }
+    if subtree != node {
+        return Err(invalid("the proof does not lead to the subtree hash"));
+    }
+    Ok(tree)
+}
+
 /// Brings the tree up to the log at start-up: the stored tree must not cover more
 /// leaves than the log has events, and a log written before the tree existed gets the
 /// missing part built. Returns how many leaves it added.

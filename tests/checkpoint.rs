@@ -93,6 +93,57 @@ fn every_inclusion_and_consistency_vector() {
     eprintln!("{checked} Merkle proof vectors");
 }
 
+/// The subtree proofs of Merkle Tree Certificates, from the same vector set.
+#[test]
+fn every_subtree_inclusion_and_consistency_vector() {
+    let mut checked = 0;
+    for kind in ["subtreeinclusion", "subtreeconsistency"] {
+        let mut files = Vec::new();
+        json_files(&vectors().join("merkle/testdata").join(kind), &mut files);
+        assert!(
+            files.len() > 50,
+            "{kind}: only {} vectors found",
+            files.len()
+        );
+        for file in files {
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("JSON");
+            let want_err = v["wantErr"].as_bool().expect("wantErr");
+            let u = |k: &str| v[k].as_u64().expect(k);
+            let outcome = match proof_hashes(&v["proof"]) {
+                None => Err("a proof hash is not 32 bytes".to_string()),
+                Some(proof) if kind == "subtreeinclusion" => merkle::verify_subtree_inclusion(
+                    &proof,
+                    u("leafIdx"),
+                    u("start"),
+                    u("end"),
+                    &b64(&v["leafHash"]),
+                    &b64(&v["root"]),
+                )
+                .map_err(|e| e.to_string()),
+                Some(proof) => merkle::verify_subtree_consistency(
+                    &proof,
+                    u("start"),
+                    u("end"),
+                    u("size"),
+                    &b64(&v["root1"]),
+                    &b64(&v["root2"]),
+                )
+                .map_err(|e| e.to_string()),
+            };
+            assert_eq!(
+                outcome.is_err(),
+                want_err,
+                "{} ({}): {outcome:?}",
+                file.display(),
+                v["desc"]
+            );
+            checked += 1;
+        }
+    }
+    eprintln!("{checked} subtree proof vectors");
+}
+
 /// transparency-dev/tessera's test log: 15 entries, a signed checkpoint at every size.
 #[test]
 fn tessera_checkpoints_verify_with_their_key() {
