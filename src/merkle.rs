@@ -379,7 +379,7 @@ pub fn is_subtree(start: u64, end: u64) -> bool {
     start < end
         && (end - start)
             .checked_next_power_of_two()
-            .is_some_and(|width| start % width == 0)
+            .is_some_and(|width| start.is_multiple_of(width))
 }
 
 /// Checks that leaf `index` (hash `leaf`) is in the subtree `[start, end)` whose hash is
