@@ -182,7 +182,11 @@ impl<T: TreeStorage + ?Sized> Pending<'_, T> {
                 .ok_or(tlog_tiles::Error::IndexesNotInTree),
             None => match self.frontier.hashes.get(&index) {
                 Some(hash) => Ok(*hash),
-                None => Ok(Reader(self.tree).read_hashes(&[index])?[0].0),
+                None => Reader(self.tree)
+                    .read_hashes(&[index])?
+                    .first()
+                    .map(|h| h.0)
+                    .ok_or(tlog_tiles::Error::IndexesNotInTree),
             },
         }
     }
