@@ -102,6 +102,9 @@ pub struct Checkpointer {
     vkey: String,
     path: PathBuf,
     latest: RwLock<Arc<Signed>>,
+    /// One signer at a time (the periodic task and the one at shutdown), so the newest
+    /// checkpoint on disk never goes back.
+    signing: std::sync::Mutex<()>,
     /// With `--sync none`, events are flushed before a checkpoint covers them.
     flush_first: bool,
 }
@@ -133,6 +136,7 @@ impl Checkpointer {
                 root: merkle::EMPTY_HASH,
                 note: String::new(),
             })),
+            signing: std::sync::Mutex::new(()),
             flush_first,
         };
         match previous {
@@ -178,6 +182,10 @@ impl Checkpointer {
     /// Signs, persists and publishes a checkpoint of the committed log if it has grown
     /// since the last one.
     pub fn sign_if_grown(&self) -> Result<Option<Arc<Signed>>, CheckpointError> {
+        let _one_signer = self
+            .signing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let previous = self.latest();
         let size = self.store.head().seq;
         if size <= previous.size {
