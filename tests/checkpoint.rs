@@ -538,6 +538,23 @@ fn cairn_verify_checkpoint_proves_growth_and_catches_a_rewritten_log() {
     );
 }
 
+/// SPEC §4: every serve flag also reads a `CAIRN_*` variable.
+#[test]
+fn origin_and_checkpoint_interval_come_from_the_environment_too() {
+    let s = Server::start_with_env(
+        &[],
+        &[
+            ("CAIRN_ORIGIN", "env.example/log"),
+            ("CAIRN_CHECKPOINT_INTERVAL", "1"),
+        ],
+    );
+    let key = text(&s, "/v1/checkpoint/key");
+    assert!(key.starts_with("env.example/log+"), "{key}");
+    append(&s, 2, "audit");
+    let note = checkpoint_at_head(&s);
+    assert!(note.starts_with("env.example/log\n2\n"), "{note}");
+}
+
 #[test]
 fn a_log_that_lost_its_signed_tail_refuses_to_start() {
     let tmp = tempfile::tempdir().expect("tempdir");

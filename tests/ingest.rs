@@ -1592,6 +1592,8 @@ fn verify_rejects_out_of_range_parameters() {
         ("from_seq=4", "from_seq"),
         ("from_seq=-1", "from_seq"),
         ("from_seq=abc", "from_seq"),
+        ("from_seq=%2B1", "from_seq"),
+        ("to_seq=99999999999999999999999", "to_seq"),
         ("to_seq=", "to_seq"),
         ("to_seq=0", "to_seq"),
         ("from_seq=3&to_seq=2", "from_seq"),

@@ -8,6 +8,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::read::decimal_param;
 use super::{ApiError, AppState};
 use crate::auth::{Caller, Role};
 use crate::merkle::{self, ProofError};
@@ -42,8 +43,8 @@ pub async fn inclusion(
     caller.require(Role::Read)?;
     let seq = required(&params, "seq")?;
     let head = state.store.head().seq;
-    let size = match params.get("size") {
-        Some(_) => required(&params, "size")?,
+    let size = match decimal_param(&params, "size")? {
+        Some(size) => size,
         None => state.checkpoints.latest().size,
     };
     if seq == 0 || seq > size {
@@ -122,15 +123,7 @@ pub async fn consistency(
 
 /// A required decimal parameter.
 fn required(params: &HashMap<String, String>, name: &str) -> Result<u64, ApiError> {
-    let value = params
-        .get(name)
-        .ok_or_else(|| ApiError::bad_param(name, "is required"))?;
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::bad_param(name, "must be a decimal number"));
-    }
-    value
-        .parse()
-        .map_err(|_| ApiError::bad_param(name, "is too large"))
+    decimal_param(params, name)?.ok_or_else(|| ApiError::bad_param(name, "is required"))
 }
 
 fn proof_error(e: ProofError) -> ApiError {

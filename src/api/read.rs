@@ -95,6 +95,23 @@ impl Selector for Selection {
     }
 }
 
+/// An optional unsigned decimal parameter (digits only: no sign, no spaces).
+pub fn decimal_param(
+    params: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<u64>, ApiError> {
+    let Some(value) = params.get(name) else {
+        return Ok(None);
+    };
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::bad_param(name, "must be a decimal number"));
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| ApiError::bad_param(name, "is too large"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Order {
     Asc,
@@ -311,18 +328,13 @@ pub async fn verify(
     }
     let head = state.store.head();
     let seq_param = |name: &str, default: u64| -> Result<u64, ApiError> {
-        match params.get(name) {
+        match decimal_param(&params, name)? {
             None => Ok(default),
-            Some(s) => s
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=head.seq).contains(n))
-                .ok_or_else(|| {
-                    ApiError::bad_param(
-                        name,
-                        format!("must be an integer from 1 to the head seq ({})", head.seq),
-                    )
-                }),
+            Some(n) if (1..=head.seq).contains(&n) => Ok(n),
+            Some(_) => Err(ApiError::bad_param(
+                name,
+                format!("must be an integer from 1 to the head seq ({})", head.seq),
+            )),
         }
     };
     let from_seq = seq_param("from_seq", 1)?;
