@@ -269,20 +269,5 @@ impl Tokens {
 
 /// Writes `token` alone on one line, readable only by the owner, atomically.
 fn write_secret_file(path: &Path, token: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    writeln!(f, "{token}")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::store::write_atomically(path, format!("{token}\n").as_bytes(), 0o600)
 }

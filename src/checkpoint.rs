@@ -17,7 +17,6 @@
 //!   last checkpoint's root; a log that lost its tail or was replaced refuses to start
 //!   rather than sign a second history.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -327,36 +326,12 @@ fn verifier_key_of(skey: &str) -> Result<String, CheckpointError> {
     ))
 }
 
-/// Replaces `path` with `bytes`: a reader sees the old file or the new one, and after
-/// a crash the new one is there only if it was complete.
+/// [`crate::store::write_atomically`], with the error naming the file.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CheckpointError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| CheckpointError::Io {
+    crate::store::write_atomically(path, bytes, mode).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
+    })
 }
 
 /// A C2SP `tlog-proof`: an offline-verifiable proof that one event is in the log.

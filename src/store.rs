@@ -278,6 +278,31 @@ fn seq_key(seq: u64) -> [u8; 9] {
     k
 }
 
+/// Replaces `path` with `bytes` (a new file gets `mode`): a reader sees the old file or
+/// the new one, and after a crash the new one is there only if it was complete. For the
+/// small files beside the log: `admin.token`, `checkpoint.key`, `checkpoint`.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
 fn tree_key(index: u64) -> [u8; 9] {
     let mut k = [TREE_PREFIX; 9];
     k[1..].copy_from_slice(&index.to_be_bytes());
