@@ -1,4 +1,4 @@
-//! Cursors and filters shared by query, export and (later) the streams (SPEC §2).
+//! Cursors and filters shared by query, export and the streams (SPEC §2).
 //!
 //! Every cursor is normalised to an exclusive ULID bound, so the store only ever
 //! answers "ids after X" or "ids before Y":
@@ -77,9 +77,17 @@ pub struct TypeFilter {
 }
 
 impl TypeFilter {
+    /// A comma-separated list, as in `types=`.
     pub fn parse(list: &str) -> Result<TypeFilter, String> {
+        TypeFilter::from_entries(list.split(','))
+    }
+
+    /// Entries one by one, as in a WebSocket `subscribe` message's `event_types`.
+    pub fn from_entries<'a>(
+        entries: impl IntoIterator<Item = &'a str>,
+    ) -> Result<TypeFilter, String> {
         let mut filter = TypeFilter::default();
-        for item in list.split(',') {
+        for item in entries {
             let item = item.trim();
             if item.is_empty() {
                 return Err("has an empty entry".into());

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiConfig, AppState, StreamConfig, StreamSlots};
 use crate::auth::Tokens;
@@ -137,6 +138,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
 
     let (writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
     let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
     let state = AppState {
         store: store.clone(),
         writer,
@@ -149,7 +151,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         streams: Arc::new(StreamSlots::new(opts.max_connections)),
         stream: StreamConfig {
             heartbeat: opts.heartbeat,
+            write_timeout: opts.write_timeout,
             shutdown: shutdown.clone(),
+            connections: connections.clone(),
         },
         stream_stats: Default::default(),
         checkpoints: checkpoints.clone(),
@@ -179,7 +183,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         opts.checkpoint_interval,
         shutdown.clone(),
     ));
-    serve_http(listener, api::router(state), shutdown).await;
+    serve_http(listener, api::router(state), shutdown, connections).await;
 
     // The router (and every Writer handle in it) is gone: the writer drains its queue.
     let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
@@ -207,12 +211,14 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves HTTP/1.1 with hyper directly (not `axum::serve`): each idle stream then costs
 /// ~6 KB less (no HTTP/2 detection layer), and the header read timeout can be set.
+/// Every connection is tracked in `connections` (upgraded WebSockets add themselves), so
+/// shutdown waits for them all, up to [`SHUTDOWN_GRACE`].
 async fn serve_http(
     mut listener: TimeoutListener,
     router: axum::Router,
     shutdown: CancellationToken,
+    connections: TaskTracker,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -222,20 +228,34 @@ async fn serve_http(
             () = shutdown.cancelled() => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection =
-            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(io), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+        let connection = http
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .with_upgrades();
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = stop.cancelled() => {
+                    // Finish the request in flight (streams end on the same signal).
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
-        }
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them"
+        );
     }
 }
 

@@ -128,6 +128,23 @@ impl Subscription {
         self.last_id
     }
 
+    /// Replaces what the subscriber wants and where delivery continues: after `after`,
+    /// replaying the log first, exactly as a new subscription would.
+    pub fn reposition(&mut self, after: Ulid, selector: Arc<dyn Selector>) {
+        self.selector = selector;
+        self.restart_after(after);
+    }
+
+    /// A fresh receiver at the tail first, then replay from `after`: the same order as
+    /// [`Subscription::new`], so nothing committed in between is missed.
+    fn restart_after(&mut self, after: Ulid) {
+        self.live = self.live.resubscribe();
+        self.last_id = after;
+        self.replaying = true;
+        self.read_ahead = None;
+        self.batch_events = FIRST_REPLAY_BATCH_EVENTS;
+    }
+
     /// Next item, waiting for live events once the log is replayed; `None` when the
     /// server shuts down. Cancel-safe: state changes only after an await completes (a
     /// cancelled store read is simply read again).
@@ -148,11 +165,7 @@ impl Subscription {
                     }
                 }
                 Err(RecvError::Lagged(_)) => {
-                    // Fresh receiver first, then read the log from the cursor.
-                    self.live = self.live.resubscribe();
-                    self.replaying = true;
-                    self.read_ahead = None;
-                    self.batch_events = FIRST_REPLAY_BATCH_EVENTS;
+                    self.restart_after(self.last_id);
                     self.stats.catchups.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(RecvError::Closed) => return None,

@@ -78,20 +78,35 @@ impl ApiError {
 
 #[derive(Serialize)]
 struct Body<'a> {
+    /// `"error"` on a WebSocket, where errors share the connection with other messages.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
     error: &'a str,
     code: &'a str,
     #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
     details: &'a [Problem],
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    fn body(&self, kind: Option<&'static str>) -> Body<'_> {
         metrics::counter!(crate::telemetry::REQUESTS_REJECTED, "code" => self.code).increment(1);
-        let body = Body {
+        Body {
+            kind,
             error: &self.message,
             code: self.code,
             details: &self.details,
-        };
-        (self.status, axum::Json(body)).into_response()
+        }
+    }
+
+    /// The error as a WebSocket text message: the usual body plus `"type":"error"`.
+    pub fn to_message(&self) -> String {
+        serde_json::to_string(&self.body(Some("error")))
+            .unwrap_or_else(|_| r#"{"type":"error","error":"internal","code":"internal"}"#.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body(None))).into_response()
     }
 }

@@ -10,6 +10,7 @@ mod proofs;
 mod read;
 mod stream;
 mod tokens;
+mod websocket;
 
 use std::sync::Arc;
 
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(ops::dashboard))
         .route("/v1/events", post(ingest::append).get(read::query))
         .route("/v1/events/stream", get(stream::stream))
+        .route("/v1/events/ws", get(websocket::events_ws))
         .route("/v1/events/{id}", get(read::event_by_id))
         .route("/v1/head", get(read::head))
         .route("/v1/export", get(read::export))

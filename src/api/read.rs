@@ -79,6 +79,16 @@ impl Selection {
             allowed: caller.allowed_types.clone(),
         })
     }
+
+    /// Everything after `after` that passes `filter`, as `caller` may see it.
+    pub fn new(after: Ulid, filter: Filter, caller: &Caller) -> Selection {
+        Selection {
+            after,
+            before: None,
+            filter,
+            allowed: caller.allowed_types.clone(),
+        }
+    }
 }
 
 impl Selector for Selection {

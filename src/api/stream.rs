@@ -1,4 +1,5 @@
-//! `GET /v1/events/stream`: Server-Sent Events over a [`Subscription`].
+//! `GET /v1/events/stream`: Server-Sent Events over a [`Subscription`]; also the stream
+//! slots and the start cursor, which the WebSocket framing shares.
 //!
 //! The body is a stream driven by the connection itself (no task per client), so an
 //! idle subscriber costs a receiver and a few buffers. A client that stops reading is
@@ -16,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use ulid::Ulid;
 
 use super::read::{Selection, head_json};
@@ -72,10 +74,15 @@ impl Drop for SlotGuard {
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
     pub heartbeat: Duration,
+    /// A WebSocket client that answers no ping for this long is dropped (SSE relies on
+    /// the socket's write timeout alone).
+    pub write_timeout: Duration,
     pub shutdown: CancellationToken,
+    /// Every connection, WebSockets included once upgraded: shutdown waits for them.
+    pub connections: TaskTracker,
 }
 
-fn too_many() -> Response {
+pub(super) fn too_many() -> Response {
     let mut response = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",
@@ -89,7 +96,7 @@ fn too_many() -> Response {
 }
 
 /// Where delivery starts: `Last-Event-ID` (non-empty) wins over `since`; else the head.
-fn start_cursor(
+pub(super) fn start_cursor(
     headers: &HeaderMap,
     params: &HashMap<String, String>,
     selection: &Selection,

@@ -1,0 +1,367 @@
+//! `GET /v1/events/ws`: the same [`Subscription`] as SSE, framed as WebSocket messages.
+//!
+//! The handler does everything that can answer in HTTP first (the 503 when every stream
+//! slot is taken) and creates the subscription *before* the upgrade, so the position in
+//! `connected` is exact. After the upgrade one task per connection serves four sources:
+//!
+//! - the subscription: one text message per event (its JCS line);
+//! - the client: `subscribe` commands, pongs, close;
+//! - a heartbeat tick: a ping, and a client whose last ping is unanswered for
+//!   `--write-timeout` is dropped (one that stops reading stops answering, and one that
+//!   stops reading while events flow is also dropped by the socket's write timeout);
+//! - shutdown and revocation: a close frame (1001, 4003).
+//!
+//! A `subscribe` repositions the same subscription ([`Subscription::reposition`]), so a
+//! re-filter is as gap-free as a new connection. Errors the client can fix are messages
+//! (`{"type":"error",…}`, the usual error body) and the connection stays open; errors
+//! that leave nothing to serve close it: 4003 for auth, 4000 for a bad query string.
+//! Memory per connection is bounded: commands are capped at [`MAX_COMMAND_BYTES`], the
+//! subscription reads the log in bounded batches, and the socket buffers one batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::SinkExt;
+use serde::Deserialize;
+use tokio::time::{Instant, MissedTickBehavior};
+use ulid::Ulid;
+
+use super::read::{Selection, head_json};
+use super::stream::{SlotGuard, StreamConfig, start_cursor, too_many};
+use super::{ApiError, AppState};
+use crate::auth::{Caller, Role};
+use crate::cursor::{self, Filter, TypeFilter};
+use crate::event::Event;
+use crate::store::Store;
+use crate::subscription::{Item, Subscription};
+
+/// Largest message a client may send (a `subscribe` is a few hundred bytes).
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// The socket buffers about this much before writing; a batch larger than this waits
+/// for the client to take it.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// How long a closing handshake may take before the connection is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Close codes (RFC 6455 leaves 4000–4999 to applications).
+mod close {
+    /// The query string was malformed (like an HTTP 400).
+    pub const BAD_REQUEST: u16 = 4000;
+    /// Bad or missing token, or the token was revoked (like an HTTP 403).
+    pub const FORBIDDEN: u16 = 4003;
+    /// The server is shutting down; resume elsewhere or later.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The log could not be read.
+    pub const INTERNAL: u16 = 1011;
+}
+
+pub async fn events_ws(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    headers: HeaderMap,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(WRITE_BUFFER_BYTES)
+            .max_message_size(MAX_COMMAND_BYTES)
+            .max_frame_size(MAX_COMMAND_BYTES),
+        // Not a WebSocket request: answer like any other route.
+        Err(rejection) => {
+            return match caller {
+                Err(e) => e.into_response(),
+                Ok(_) => ApiError::new(
+                    rejection.status(),
+                    "websocket_required",
+                    format!(
+                        "this route speaks WebSocket only: {}",
+                        rejection.body_text()
+                    ),
+                )
+                .into_response(),
+            };
+        }
+    };
+    let caller = match caller.and_then(|c| c.require(Role::Read).map(|()| c)) {
+        Ok(caller) => caller,
+        Err(e) => return refuse(upgrade, state.stream, e, close::FORBIDDEN),
+    };
+    let start = params
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+        .and_then(|Query(params)| {
+            if params.contains_key("until") {
+                return Err(ApiError::bad_param(
+                    "until",
+                    "is not supported on streams (a stream continues live); use /v1/export",
+                ));
+            }
+            let selection = Selection::from_params(&params, &caller)?;
+            let head_id = state.store.head().id;
+            let start = start_cursor(&headers, &params, &selection, head_id)?;
+            Ok((start, selection))
+        });
+    let (start, selection) = match start {
+        Ok(start) => start,
+        Err(e) => return refuse(upgrade, state.stream, e, close::BAD_REQUEST),
+    };
+    let Some(slot) = state.streams.try_acquire() else {
+        return too_many();
+    };
+    let subscription = Subscription::new(
+        state.store.clone(),
+        &state.writer,
+        start,
+        Arc::new(selection),
+        state.stream_stats.clone(),
+    );
+    let connected = connected_message(&state.store, start);
+    let tracked = state.stream.connections.token();
+    let connection = Connection {
+        subscription,
+        store: state.store.clone(),
+        caller,
+        delivered: start,
+        settings: state.stream,
+        _slot: slot,
+    };
+    upgrade.on_upgrade(move |socket| async move {
+        let _tracked = tracked;
+        connection.run(socket, connected).await;
+    })
+}
+
+/// Upgrades only to say why the connection cannot be served: browsers see neither
+/// the status nor the body of a refused handshake, but they do see a close frame.
+fn refuse(
+    upgrade: WebSocketUpgrade,
+    settings: StreamConfig,
+    error: ApiError,
+    code: u16,
+) -> Response {
+    let tracked = settings.connections.token();
+    upgrade.on_upgrade(move |mut socket| async move {
+        let _tracked = tracked;
+        let message = Message::Text(error.to_message().into());
+        let sent = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(message)).await;
+        if matches!(sent, Ok(Ok(()))) {
+            close_socket(&mut socket, code, &error.message).await;
+        }
+    })
+}
+
+/// A client's command: `{"action":"subscribe","event_types":[…],"since":"…"}`. Unknown
+/// fields are refused, so a misspelt filter is an error rather than "all types".
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Command {
+    action: String,
+    event_types: Option<Vec<String>>,
+    since: Option<String>,
+    source: Option<String>,
+}
+
+/// Why a connection ended.
+enum End {
+    /// Send a close frame with this code and reason.
+    Close(u16, &'static str),
+    /// The client is gone or unresponsive: nothing more to send.
+    Gone,
+}
+
+struct Connection {
+    subscription: Subscription,
+    store: Arc<Store>,
+    caller: Caller,
+    /// The newest event sent (or the start cursor): a `subscribe` without `since`
+    /// continues after it.
+    delivered: Ulid,
+    settings: StreamConfig,
+    _slot: SlotGuard,
+}
+
+impl Connection {
+    async fn run(mut self, mut socket: WebSocket, connected: Message) {
+        if let End::Close(code, reason) = self.serve(&mut socket, connected).await {
+            close_socket(&mut socket, code, reason).await;
+        }
+    }
+
+    async fn serve(&mut self, socket: &mut WebSocket, connected: Message) -> End {
+        let shutdown = self.settings.shutdown.clone();
+        let revoked = self.caller.revoked.clone();
+        let heartbeat = self.settings.heartbeat;
+        let mut ticks = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // When the oldest unanswered ping went out.
+        let mut ping_sent: Option<Instant> = None;
+        let mut outgoing = vec![connected];
+        loop {
+            // Sending waits for a slow client, but never past a revocation or shutdown.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return End::Close(close::GOING_AWAY, "the server is shutting down"),
+                () = revoked.cancelled() => return End::Close(close::FORBIDDEN, "the token was revoked"),
+                sent = send_all(socket, &mut outgoing) => if sent.is_err() {
+                    return End::Gone;
+                },
+            }
+            outgoing = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return End::Close(close::GOING_AWAY, "the server is shutting down"),
+                () = revoked.cancelled() => return End::Close(close::FORBIDDEN, "the token was revoked"),
+                incoming = socket.recv() => match incoming {
+                    None | Some(Err(_)) => return End::Gone,
+                    Some(Ok(Message::Text(text))) => vec![self.command(&text)],
+                    Some(Ok(Message::Binary(_))) => vec![error_message(&ApiError::bad_request(
+                        "commands are JSON text messages, not binary",
+                    ))],
+                    Some(Ok(Message::Pong(_))) => {
+                        ping_sent = None;
+                        continue;
+                    }
+                    // Pings are answered by the socket itself; a close is answered on
+                    // the next read, which then ends the stream.
+                    Some(Ok(Message::Ping(_) | Message::Close(_))) => continue,
+                },
+                _ = ticks.tick() => {
+                    if ping_sent.is_some_and(|sent| sent.elapsed() >= self.settings.write_timeout) {
+                        tracing::debug!("WebSocket client stopped answering pings; dropped");
+                        return End::Gone;
+                    }
+                    ping_sent.get_or_insert_with(Instant::now);
+                    vec![Message::Ping(Bytes::new())]
+                }
+                next = self.subscription.next() => match next {
+                    None => return End::Close(close::GOING_AWAY, "the server is shutting down"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "WebSocket stream aborted by a read error");
+                        return End::Close(close::INTERNAL, "the log could not be read");
+                    }
+                    Some(Ok(Item::Batch(batch))) => self.event_messages(&batch.events),
+                    Some(Ok(Item::Events(events))) => self.event_messages(&events),
+                    Some(Ok(Item::Skipped(_))) => continue,
+                },
+            };
+        }
+    }
+
+    fn event_messages(&mut self, events: &[Event]) -> Vec<Message> {
+        if let Some(last) = events.last() {
+            self.delivered = last.id;
+        }
+        events.iter().map(|e| text(e.line.as_bytes())).collect()
+    }
+
+    /// Applies a `subscribe` and answers `connected`, or answers an error and changes
+    /// nothing.
+    fn command(&mut self, text: &str) -> Message {
+        match self.parse_command(text) {
+            Ok((after, selection)) => {
+                self.subscription.reposition(after, Arc::new(selection));
+                connected_message(&self.store, after)
+            }
+            Err(e) => error_message(&e),
+        }
+    }
+
+    fn parse_command(&self, text: &str) -> Result<(Ulid, Selection), ApiError> {
+        let command: Command = serde_json::from_str(text).map_err(|e| {
+            ApiError::bad_request(format!(
+                "a command is {{\"action\":\"subscribe\",\"event_types\":[…],\"since\":\"…\"}}: {e}"
+            ))
+        })?;
+        if command.action != "subscribe" {
+            return Err(ApiError::bad_param(
+                "action",
+                format!(
+                    "\"{}\" is unknown; the only action is \"subscribe\"",
+                    command.action
+                ),
+            ));
+        }
+        let types = match &command.event_types {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err(ApiError::bad_param(
+                    "event_types",
+                    "is empty; omit it for all types",
+                ));
+            }
+            Some(list) => Some(
+                TypeFilter::from_entries(list.iter().map(String::as_str))
+                    .map_err(|m| ApiError::bad_param("event_types", m))?,
+            ),
+        };
+        if command.source.as_deref() == Some("") {
+            return Err(ApiError::bad_param("source", "must not be empty"));
+        }
+        let after = match &command.since {
+            Some(since) => {
+                cursor::parse_since(since).map_err(|m| ApiError::bad_param("since", m))?
+            }
+            None => self.delivered,
+        };
+        let filter = Filter {
+            types,
+            source: command.source,
+        };
+        Ok((after, Selection::new(after, filter, &self.caller)))
+    }
+}
+
+/// Feeds every message, then flushes once: a batch of events costs one write.
+async fn send_all(socket: &mut WebSocket, messages: &mut Vec<Message>) -> Result<(), axum::Error> {
+    for message in messages.drain(..) {
+        socket.feed(message).await?;
+    }
+    socket.flush().await
+}
+
+/// Sends a close frame and waits (briefly) for the client's, so it sees a clean close.
+async fn close_socket(socket: &mut WebSocket, code: u16, reason: &str) {
+    // A close reason is at most 123 bytes (cut at a character boundary).
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if socket.send(Message::Close(Some(frame))).await.is_ok() {
+            while let Some(Ok(_)) = socket.recv().await {}
+        }
+    })
+    .await;
+}
+
+fn connected_message(store: &Store, cursor: Ulid) -> Message {
+    let connected = serde_json::json!({
+        "type": "connected",
+        "cursor": cursor.to_string(),
+        "head": head_json(&store.head()),
+    });
+    Message::Text(connected.to_string().into())
+}
+
+fn error_message(error: &ApiError) -> Message {
+    Message::Text(error.to_message().into())
+}
+
+/// An event's JCS line as a text message, sharing the line's buffer.
+fn text(line: &Bytes) -> Message {
+    let text = Utf8Bytes::try_from(line.clone())
+        .unwrap_or_else(|_| Utf8Bytes::from(String::from_utf8_lossy(line).as_ref()));
+    Message::Text(text)
+}
