@@ -1,7 +1,7 @@
 //! Hostile input (SPEC §5): each case gets a clear refusal, and afterwards `/healthz`
 //! answers, other clients are served, and the log is unchanged (or holds exactly the
 //! valid events). Oversized values, huge headers, headers sent a byte a second, and
-//! hundreds of stream clients that never read.
+//! hundreds of stream clients (SSE and WebSocket) that never read.
 mod common;
 
 use std::io::{Read, Write};
@@ -168,15 +168,34 @@ fn headers_sent_a_byte_a_second_are_cut_off_while_others_are_served() {
     assert_healthy(&s, 0);
 }
 
+/// The server's resident memory, from /proc.
+fn rss_bytes(s: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
 #[test]
 fn hundreds_of_streams_that_never_read_do_not_stop_the_server() {
     let s = Server::start(&["--write-timeout", "2"]);
-    let request = format!(
+    let sse = format!(
         "GET /v1/events/stream?since=earliest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
         s.token
     );
+    let websocket = format!(
+        "GET /v1/events/ws?since=earliest HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {}\r\n\r\n",
+        s.token
+    );
+    // Half SSE, half WebSocket.
     let stalled: Vec<TcpStream> = (0..300)
-        .map(|_| {
+        .map(|i| {
+            let request = if i % 2 == 0 { &sse } else { &websocket };
             let mut tcp = TcpStream::connect(&s.addr).expect("connect");
             tcp.write_all(request.as_bytes()).expect("send");
             tcp
@@ -185,6 +204,7 @@ fn hundreds_of_streams_that_never_read_do_not_stop_the_server() {
     wait_until(Duration::from_secs(20), "300 open streams", || {
         s.get("/healthz").1["connections"] == 300
     });
+    let rss_before = rss_bytes(&s);
     // 4 MiB of events: far more than the socket buffers of clients that never read.
     let pad = "p".repeat(8 * 1024);
     let mut appended = 0;
@@ -199,6 +219,11 @@ fn hundreds_of_streams_that_never_read_do_not_stop_the_server() {
         appended += 64;
         assert_healthy(&s, appended);
     }
+    // Each stalled stream holds at most a batch and its socket buffer, not the 4 MiB it
+    // was sent: unbounded buffering would take 300 × 4 MiB = 1.2 GB.
+    let grown = rss_bytes(&s).saturating_sub(rss_before);
+    println!("RSS grew {} MiB with 300 stalled streams", grown >> 20);
+    assert!(grown < 256 << 20, "RSS grew {} MiB", grown >> 20);
     // A well-behaved stream still gets everything.
     let mut ok = s
         .http()

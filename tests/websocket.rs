@@ -650,7 +650,10 @@ fn bad_missing_and_revoked_tokens_close_with_4003_and_allow_lists_hold() {
         ] {
             let (code, reason) = expect_refused(&s.addr, "since=earliest", auth).await;
             assert_eq!(code, 4003, "{label}: {reason}");
-            assert!(!reason.is_empty(), "{label}: the close frame names the reason");
+            assert!(
+                !reason.is_empty(),
+                "{label}: the close frame names the reason"
+            );
         }
 
         // A read token that may see kind.a only.
@@ -679,7 +682,10 @@ fn bad_missing_and_revoked_tokens_close_with_4003_and_allow_lists_hold() {
         }
         let live = api.append(&["other", "kind.a"]).await;
         let line = expect_event(&mut ws).await;
-        assert_eq!((id_of(&line), type_of(&line)), (live[1].clone(), "kind.a".into()));
+        assert_eq!(
+            (id_of(&line), type_of(&line)),
+            (live[1].clone(), "kind.a".into())
+        );
 
         // Revocation closes the open connection with 4003, and the token is refused after.
         let r = api
