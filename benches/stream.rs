@@ -1,10 +1,11 @@
 //! Streaming benchmarks against the real release server over loopback HTTP (workloads
-//! W3, W4 and W5 of ../shared/peers, plus a 1,000-subscriber fan-out): prints replay
+//! W3, W4 and W5 of ../shared/peers, plus a 1,000-subscriber fan-out; W4 over SSE and
+//! over WebSocket): prints replay
 //! events/s and time to first event, fan-out delivery and end-to-end latency, and the
 //! server's resident memory per idle stream.
 //!
 //! `cargo bench --bench stream` runs all; `cargo bench --bench stream -- w4` runs one
-//! (names: w3, w4, fanout1000, idle).
+//! (names: w3, w4-sse, w4-ws, fanout1000, idle; `w4` runs both W4s).
 //!
 //! The client is lean on purpose (client and server share the machine's cores): hyper's
 //! `client::conn::http1` with one connection per task and no pool, and a `memchr` SSE
@@ -581,10 +582,63 @@ struct SubResult {
     error: Option<String>,
 }
 
+/// How a fan-out subscriber reads the live stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Sse,
+    WebSocket,
+}
+
+/// Counts one subscriber's events: order by id, latency from `data.sent_ns`.
+struct Tally {
+    r: SubResult,
+    sent_ns: memmem::Finder<'static>,
+    last_id: [u8; 26],
+}
+
+impl Tally {
+    fn new(expected: u64) -> Tally {
+        Tally {
+            r: SubResult {
+                lat_us: Vec::with_capacity(expected as usize),
+                ordered: true,
+                ..SubResult::default()
+            },
+            sent_ns: memmem::Finder::new(b"\"sent_ns\":"),
+            last_id: [0u8; 26],
+        }
+    }
+
+    fn event(&mut self, id: Option<&[u8]>, data: Option<&[u8]>, now_ns: u64) {
+        self.r.received += 1;
+        match id {
+            Some(id) if id.len() == 26 && id > &self.last_id[..] => {
+                self.last_id.copy_from_slice(id)
+            }
+            _ => self.r.ordered = false,
+        }
+        match data.and_then(|d| num_after(&self.sent_ns, d)) {
+            Some(sent) => {
+                let us = now_ns.saturating_sub(sent) / 1000;
+                self.r.lat_us.push(us.min(u64::from(u32::MAX)) as u32);
+            }
+            None => self.r.no_sent_ns += 1,
+        }
+    }
+}
+
+/// The top-level `id` of an event's JCS line: keys are sorted, so it follows `data`,
+/// and a quote inside a string is escaped, so the last `"id":"` is the top-level one.
+fn top_id(line: &[u8]) -> Option<&[u8]> {
+    let at = memmem::rfind(line, b"\"id\":\"")? + 6;
+    line.get(at..at + 26)
+}
+
 /// A live subscriber: reports `connected` on `ready`, then reads until `expected` events
 /// arrived or `stop` fires.
 #[allow(clippy::too_many_arguments)]
 async fn subscriber(
+    transport: Transport,
     addr: String,
     auth: String,
     base: Instant,
@@ -594,61 +648,87 @@ async fn subscriber(
     done: Arc<AtomicUsize>,
     stop: CancellationToken,
 ) -> SubResult {
-    let mut r = SubResult {
-        lat_us: Vec::with_capacity(expected as usize),
-        ordered: true,
-        ..SubResult::default()
-    };
+    let mut tally = Tally::new(expected);
     let mut is_ready = false;
     let run = async {
         let permit = opening.acquire().await.map_err(|e| e.to_string())?;
-        let mut conn = connect(&addr).await?;
-        let resp = conn
-            .send_request(get(&addr, &auth, "/v1/events/stream"))
-            .await
-            .map_err(|e| format!("GET stream: {e}"))?;
-        if resp.status() != 200 {
-            return Err(format!("status {}", resp.status()));
-        }
-        let mut body = resp.into_body();
-        let mut frames = SseFrames::new();
-        let sent_ns = memmem::Finder::new(b"\"sent_ns\":");
-        let mut last_id = [0u8; 26];
         let mut permit = Some(permit);
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("stream body: {e}"))?;
-            let Some(chunk) = frame.data_ref() else {
-                continue;
-            };
-            let now_ns = base.elapsed().as_nanos() as u64;
-            let go_on = frames.feed(chunk, |f| {
-                let Some(kind) = field(f, b"event") else {
-                    return true;
-                };
-                if kind == b"connected" {
-                    if !is_ready {
-                        is_ready = true;
-                        permit.take();
-                        let _ = ready.send(Ok(()));
+        let mut on_connected = || {
+            if !is_ready {
+                is_ready = true;
+                permit.take();
+                let _ = ready.send(Ok(()));
+            }
+        };
+        match transport {
+            Transport::Sse => {
+                let mut conn = connect(&addr).await?;
+                let resp = conn
+                    .send_request(get(&addr, &auth, "/v1/events/stream"))
+                    .await
+                    .map_err(|e| format!("GET stream: {e}"))?;
+                if resp.status() != 200 {
+                    return Err(format!("status {}", resp.status()));
+                }
+                let mut body = resp.into_body();
+                let mut frames = SseFrames::new();
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| format!("stream body: {e}"))?;
+                    let Some(chunk) = frame.data_ref() else {
+                        continue;
+                    };
+                    let now_ns = base.elapsed().as_nanos() as u64;
+                    let go_on = frames.feed(chunk, |f| {
+                        let Some(kind) = field(f, b"event") else {
+                            return true;
+                        };
+                        if kind == b"connected" {
+                            on_connected();
+                            return true;
+                        }
+                        tally.event(field(f, b"id"), field(f, b"data"), now_ns);
+                        tally.r.received < expected
+                    });
+                    if !go_on {
+                        break;
                     }
-                    return true;
                 }
-                r.received += 1;
-                match field(f, b"id") {
-                    Some(id) if id.len() == 26 && id > &last_id[..] => last_id.copy_from_slice(id),
-                    _ => r.ordered = false,
-                }
-                match field(f, b"data").and_then(|d| num_after(&sent_ns, d)) {
-                    Some(sent) => {
-                        let us = now_ns.saturating_sub(sent) / 1000;
-                        r.lat_us.push(us.min(u64::from(u32::MAX)) as u32);
+            }
+            Transport::WebSocket => {
+                use tokio_tungstenite::tungstenite::Message;
+                use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+                use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+                let mut request = format!("ws://{addr}/v1/events/ws")
+                    .into_client_request()
+                    .map_err(|e| e.to_string())?;
+                let value = auth.parse().map_err(|e| format!("auth header: {e}"))?;
+                request.headers_mut().insert("authorization", value);
+                // tungstenite zero-fills its whole read buffer before every read: at the
+                // default 128 KiB that was a fifth of the client's CPU here.
+                let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+                let (mut ws, _) =
+                    tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+                        .await
+                        .map_err(|e| format!("WebSocket: {e}"))?;
+                // The first message is `connected`; every later text message is an event.
+                let mut first = true;
+                while let Some(message) = ws.next().await {
+                    let message = message.map_err(|e| format!("WebSocket: {e}"))?;
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    if first {
+                        first = false;
+                        on_connected();
+                        continue;
                     }
-                    None => r.no_sent_ns += 1,
+                    let line = text.as_bytes();
+                    let now_ns = base.elapsed().as_nanos() as u64;
+                    tally.event(top_id(line), Some(line), now_ns);
+                    if tally.r.received >= expected {
+                        break;
+                    }
                 }
-                r.received < expected
-            });
-            if !go_on {
-                break;
             }
         }
         Ok(())
@@ -662,9 +742,9 @@ async fn subscriber(
     {
         let _ = ready.send(Err(e.clone()));
     }
-    r.error = error;
+    tally.r.error = error;
     done.fetch_add(1, Ordering::Relaxed);
-    r
+    tally.r
 }
 
 #[derive(Default)]
@@ -751,6 +831,7 @@ async fn producer_conn(
 }
 
 struct Fanout {
+    transport: Transport,
     subs: usize,
     rate: u64,
     secs: u64,
@@ -771,6 +852,7 @@ async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
     let subs: Vec<_> = (0..cfg.subs)
         .map(|_| {
             tokio::spawn(subscriber(
+                cfg.transport,
                 server.addr.clone(),
                 auth.clone(),
                 base,
@@ -1092,21 +1174,27 @@ fn main() {
     if wanted("w3") {
         w3(&rt);
     }
-    if wanted("w4") {
-        let cfg = Fanout {
-            subs: 100,
-            rate: 2_000,
-            secs: 10,
-            producer_conns: 8,
-        };
+    for (part, transport) in [("w4-sse", Transport::Sse), ("w4-ws", Transport::WebSocket)] {
+        if !wanted(part) {
+            continue;
+        }
         for sync in ["none", "fsync"] {
+            let cfg = Fanout {
+                transport,
+                subs: 100,
+                rate: 2_000,
+                secs: 10,
+                producer_conns: 8,
+            };
             let s = Server::start(sync, &[]);
-            let name = format!("W4 --sync {sync}, 100 subscribers x 2,000 events/s x 10 s");
+            let name =
+                format!("W4 {transport:?} --sync {sync}, 100 subscribers x 2,000 events/s x 10 s");
             rt.block_on(fanout(&s, &cfg, &name, 4.0));
         }
     }
     if wanted("fanout1000") {
         let cfg = Fanout {
+            transport: Transport::Sse,
             subs: 1_000,
             rate: 1_000,
             secs: 5,

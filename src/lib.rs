@@ -11,8 +11,9 @@
 //!   publisher thread: merges committed groups ─► broadcast to live subscribers
 //!
 //! GET /v1/events, /v1/export, /v1/verify ─► api::read ─► store scans (≤ committed head)
-//! GET /v1/events/stream ─► api::stream ─► subscription: subscribe to the broadcast,
-//!                          replay the store from the cursor, then live (lag → store)
+//! GET /v1/events/stream ─► api::stream    ─┐ subscription: subscribe to the broadcast,
+//! GET /v1/events/ws     ─► api::websocket ─┘ replay the store from the cursor, then
+//!                                            live (lag → store; `subscribe` → reposition)
 //! checkpoint task: every second the log grew ─► merkle root ─► sign ─► data/checkpoint
 //! GET /v1/checkpoint, /v1/proof/* ─► api::proofs ─► merkle (O(log n) stored hashes)
 //! ```
@@ -36,7 +37,7 @@
 //! | [`subscription`] | replay-then-live, exactly once, for every stream |
 //! | [`cursor`] | `since`/`until`/`types`/`source` |
 //! | [`auth`] | tokens, roles, allow-lists, revocation |
-//! | [`api`] | axum routes (ingest, read, stream, tokens, ops) and the error body |
+//! | [`api`] | axum routes (ingest, read, SSE and WebSocket streams, proofs, tokens, ops) and the error body |
 //! | [`server`] | `cairn serve`: start-up checks, HTTP/1.1 serving, draining |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //! | [`telemetry`] | Prometheus metrics |

@@ -95,6 +95,20 @@ pub(super) fn too_many() -> Response {
     response
 }
 
+/// What a stream delivers: a query's selection without `until` (a stream continues live).
+pub(super) fn stream_selection(
+    params: &HashMap<String, String>,
+    caller: &Caller,
+) -> Result<Selection, ApiError> {
+    if params.contains_key("until") {
+        return Err(ApiError::bad_param(
+            "until",
+            "is not supported on streams (a stream continues live); use /v1/export",
+        ));
+    }
+    Selection::from_params(params, caller)
+}
+
 /// Where delivery starts: `Last-Event-ID` (non-empty) wins over `since`; else the head.
 pub(super) fn start_cursor(
     headers: &HeaderMap,
@@ -121,13 +135,7 @@ pub async fn stream(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
-    if params.contains_key("until") {
-        return Err(ApiError::bad_param(
-            "until",
-            "is not supported on streams (a stream continues live); use /v1/export",
-        ));
-    }
-    let selection = Selection::from_params(&params, &caller)?;
+    let selection = stream_selection(&params, &caller)?;
     let Some(slot) = state.streams.try_acquire() else {
         return Ok(too_many());
     };

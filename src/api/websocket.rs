@@ -35,7 +35,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use ulid::Ulid;
 
 use super::read::{Selection, head_json};
-use super::stream::{SlotGuard, StreamConfig, start_cursor, too_many};
+use super::stream::{SlotGuard, StreamConfig, start_cursor, stream_selection, too_many};
 use super::{ApiError, AppState};
 use crate::auth::{Caller, Role};
 use crate::cursor::{self, Filter, TypeFilter};
@@ -99,13 +99,7 @@ pub async fn events_ws(
     let start = params
         .map_err(|e| ApiError::bad_request(e.body_text()))
         .and_then(|Query(params)| {
-            if params.contains_key("until") {
-                return Err(ApiError::bad_param(
-                    "until",
-                    "is not supported on streams (a stream continues live); use /v1/export",
-                ));
-            }
-            let selection = Selection::from_params(&params, &caller)?;
+            let selection = stream_selection(&params, &caller)?;
             let head_id = state.store.head().id;
             let start = start_cursor(&headers, &params, &selection, head_id)?;
             Ok((start, selection))
@@ -197,8 +191,11 @@ impl Connection {
     }
 
     async fn serve(&mut self, socket: &mut WebSocket, connected: Message) -> End {
-        let shutdown = self.settings.shutdown.clone();
-        let revoked = self.caller.revoked.clone();
+        // Registered once, not per message: each `cancelled()` takes the token's lock,
+        // and every connection shares the shutdown token.
+        let shutdown = self.settings.shutdown.clone().cancelled_owned();
+        let revoked = self.caller.revoked.clone().cancelled_owned();
+        tokio::pin!(shutdown, revoked);
         let heartbeat = self.settings.heartbeat;
         let mut ticks = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -209,16 +206,16 @@ impl Connection {
             // Sending waits for a slow client, but never past a revocation or shutdown.
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return End::Close(close::GOING_AWAY, "the server is shutting down"),
-                () = revoked.cancelled() => return End::Close(close::FORBIDDEN, "the token was revoked"),
+                () = &mut shutdown => return End::Close(close::GOING_AWAY, "the server is shutting down"),
+                () = &mut revoked => return End::Close(close::FORBIDDEN, "the token was revoked"),
                 sent = send_all(socket, &mut outgoing) => if sent.is_err() {
                     return End::Gone;
                 },
             }
             outgoing = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return End::Close(close::GOING_AWAY, "the server is shutting down"),
-                () = revoked.cancelled() => return End::Close(close::FORBIDDEN, "the token was revoked"),
+                () = &mut shutdown => return End::Close(close::GOING_AWAY, "the server is shutting down"),
+                () = &mut revoked => return End::Close(close::FORBIDDEN, "the token was revoked"),
                 incoming = socket.recv() => match incoming {
                     None | Some(Err(_)) => return End::Gone,
                     Some(Ok(Message::Text(text))) => vec![self.command(&text)],
