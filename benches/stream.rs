@@ -5,7 +5,7 @@
 //! server's resident memory per idle stream.
 //!
 //! `cargo bench --bench stream` runs all; `cargo bench --bench stream -- w4` runs one
-//! (names: w3, w4-sse, w4-ws, fanout1000, idle; `w4` runs both W4s).
+//! (names: w3, w4-sse, w4-ws, w4-mixed, fanout1000, idle; `w4` runs all three W4s).
 //!
 //! The client is lean on purpose (client and server share the machine's cores): hyper's
 //! `client::conn::http1` with one connection per task and no pool, and a `memchr` SSE
@@ -582,11 +582,25 @@ struct SubResult {
     error: Option<String>,
 }
 
-/// How a fan-out subscriber reads the live stream.
+/// How a fan-out's subscribers read the live stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
     Sse,
     WebSocket,
+    /// Half and half on the same server at the same time, with latencies reported per
+    /// transport: separates what the framing costs from the machine's noise.
+    Mixed,
+}
+
+impl Transport {
+    /// The transport of subscriber `i`.
+    fn of(self, i: usize) -> Transport {
+        match self {
+            Transport::Mixed if i.is_multiple_of(2) => Transport::Sse,
+            Transport::Mixed => Transport::WebSocket,
+            one => one,
+        }
+    }
 }
 
 /// Counts one subscriber's events: order by id, latency from `data.sent_ns`.
@@ -694,7 +708,7 @@ async fn subscriber(
                     }
                 }
             }
-            Transport::WebSocket => {
+            Transport::WebSocket | Transport::Mixed => {
                 use tokio_tungstenite::tungstenite::Message;
                 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
                 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -850,9 +864,9 @@ async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
 
     let open_start = Instant::now();
     let subs: Vec<_> = (0..cfg.subs)
-        .map(|_| {
+        .map(|i| {
             tokio::spawn(subscriber(
-                cfg.transport,
+                cfg.transport.of(i),
                 server.addr.clone(),
                 auth.clone(),
                 base,
@@ -947,7 +961,8 @@ async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
     let mut lat: Vec<u32> = Vec::with_capacity(cfg.subs * events as usize);
     let (mut delivered, mut unordered, mut no_sent_ns, mut sub_errors) = (0u64, 0, 0u64, 0);
     let mut first_sub_error = None;
-    for s in subs {
+    let mut lat_by_transport: [Vec<u32>; 2] = Default::default();
+    for (i, s) in subs.into_iter().enumerate() {
         let Ok(r) = s.await else {
             sub_errors += 1;
             continue;
@@ -958,6 +973,10 @@ async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
         if let Some(e) = r.error {
             sub_errors += 1;
             first_sub_error.get_or_insert(e);
+        }
+        if cfg.transport == Transport::Mixed {
+            let slot = usize::from(cfg.transport.of(i) == Transport::WebSocket);
+            lat_by_transport[slot].extend_from_slice(&r.lat_us);
         }
         lat.extend(r.lat_us);
     }
@@ -1013,6 +1032,18 @@ async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
         cfg.subs,
         first_sub_error.map_or(String::new(), |e| format!(" (first: {e})")),
     );
+    for (name, lat) in ["SSE", "WebSocket"].iter().zip(&mut lat_by_transport) {
+        if lat.is_empty() {
+            continue;
+        }
+        lat.sort_unstable();
+        println!(
+            "    {name} subscribers alone: e2e p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms",
+            pct_ms(lat, 0.5),
+            pct_ms(lat, 0.99),
+            pct_ms(lat, 0.999)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1174,7 +1205,11 @@ fn main() {
     if wanted("w3") {
         w3(&rt);
     }
-    for (part, transport) in [("w4-sse", Transport::Sse), ("w4-ws", Transport::WebSocket)] {
+    for (part, transport) in [
+        ("w4-sse", Transport::Sse),
+        ("w4-ws", Transport::WebSocket),
+        ("w4-mixed", Transport::Mixed),
+    ] {
         if !wanted(part) {
             continue;
         }
