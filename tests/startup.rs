@@ -2,7 +2,9 @@
 //! cairn is refused with a clear message (never a panic), leaving the data untouched.
 mod common;
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use cairn::store::{CommitBatch, DataDir, Store};
 use common::{BIN, Server, cairn};
@@ -193,4 +195,42 @@ fn an_unusable_data_directory_is_a_clear_start_up_error() {
     // The log is untouched.
     let s = Server::start_on(&existing, &[]);
     assert_eq!(s.head()["seq"], 1);
+}
+
+#[test]
+fn a_zero_interval_is_refused_at_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    for flag in ["--heartbeat", "--write-timeout", "--checkpoint-interval"] {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", flag, "0", "--data"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cairn");
+        // A server that accepted the flag would run until killed.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("cairn serve {flag} 0 started instead of refusing the flag");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        assert_eq!(status.code(), Some(2), "{flag} 0: {stderr}");
+        assert!(stderr.contains(flag), "{flag} 0: {stderr}");
+        assert!(!data.exists(), "{flag} 0 created the data directory");
+    }
 }
