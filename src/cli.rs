@@ -8,6 +8,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::writer::SyncMode;
 
+/// A whole number of seconds from 1 to a day: a zero period spins, and a huge one
+/// overflows the clock.
+fn seconds() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=86_400)
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cairn",
@@ -106,13 +112,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CAIRN_SYNC", value_enum, default_value = "fsync")]
     pub sync: SyncMode,
     /// Seconds of silence before a stream heartbeat.
-    #[arg(long, env = "CAIRN_HEARTBEAT", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CAIRN_HEARTBEAT", default_value_t = 15, value_parser = seconds())]
     pub heartbeat: u64,
     /// Most open streams (SSE and WebSocket together).
     #[arg(long, env = "CAIRN_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
     /// Seconds a stream client may leave data unread before it is disconnected.
-    #[arg(long, env = "CAIRN_WRITE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CAIRN_WRITE_TIMEOUT", default_value_t = 30, value_parser = seconds())]
     pub write_timeout: u64,
     /// Require tokens (`off` lets anyone who reaches the port read and append).
     #[arg(long, env = "CAIRN_AUTH", value_enum, default_value = "on")]
@@ -121,7 +127,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CAIRN_ORIGIN")]
     pub origin: Option<String>,
     /// Seconds between signed checkpoints while the log grows.
-    #[arg(long, env = "CAIRN_CHECKPOINT_INTERVAL", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "CAIRN_CHECKPOINT_INTERVAL", default_value_t = 1, value_parser = seconds())]
     pub checkpoint_interval: u64,
     /// Most events in one ingest request.
     #[arg(long, env = "CAIRN_MAX_EVENTS_PER_REQUEST", default_value_t = 10_000)]

@@ -57,11 +57,11 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
         auth: args.auth == OnOff::On,
         max_events_per_request: args.max_events_per_request,
         max_body_bytes: args.max_body_bytes,
-        heartbeat: std::time::Duration::from_secs(args.heartbeat.max(1)),
+        heartbeat: std::time::Duration::from_secs(args.heartbeat),
         max_connections: args.max_connections,
-        write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
+        write_timeout: std::time::Duration::from_secs(args.write_timeout),
         origin: args.origin,
-        checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval.max(1)),
+        checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval),
     };
     runtime
         .block_on(server::run(opts))

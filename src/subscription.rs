@@ -97,8 +97,13 @@ pub struct Subscription {
     /// Newest id scanned (the resume cursor).
     last_id: Ulid,
     replaying: bool,
-    /// The next store read, started while the previous batch is being sent.
+    /// The next store read, started while the previous batch is being sent. Kept here
+    /// while awaited, so a cancelled `next` picks the same read up again.
     read_ahead: Option<tokio::task::JoinHandle<Result<Batch, StoreError>>>,
+    /// `read_ahead` was started for a position since abandoned: its result is dropped
+    /// once it completes (a blocking read cannot be stopped, and waiting for it keeps
+    /// one read per subscription however often it is repositioned).
+    read_ahead_stale: bool,
     batch_events: usize,
 }
 
@@ -119,6 +124,7 @@ impl Subscription {
             last_id: after,
             replaying: true,
             read_ahead: None,
+            read_ahead_stale: false,
             batch_events: FIRST_REPLAY_BATCH_EVENTS,
         }
     }
@@ -141,13 +147,13 @@ impl Subscription {
         self.live = self.live.resubscribe();
         self.last_id = after;
         self.replaying = true;
-        self.read_ahead = None;
+        self.read_ahead_stale = self.read_ahead.is_some();
         self.batch_events = FIRST_REPLAY_BATCH_EVENTS;
     }
 
     /// Next item, waiting for live events once the log is replayed; `None` when the
-    /// server shuts down. Cancel-safe: state changes only after an await completes (a
-    /// cancelled store read is simply read again).
+    /// server shuts down. Cancel-safe: state changes only after an await completes, and
+    /// a store read in flight is kept and awaited again by the next call.
     pub async fn next(&mut self) -> Option<Result<Item, StoreError>> {
         loop {
             if self.replaying {
@@ -209,13 +215,21 @@ impl Subscription {
     /// One bounded read from the store; `None` once the committed head is reached.
     /// While the caller sends this batch, the next one is already being read.
     async fn replay_batch(&mut self) -> Result<Option<Item>, StoreError> {
-        let pending = match self.read_ahead.take() {
-            Some(pending) => pending,
-            None => self.spawn_read(None, self.last_id),
+        let joined = loop {
+            if self.read_ahead.is_none() {
+                self.read_ahead = Some(self.spawn_read(None, self.last_id));
+            }
+            let Some(pending) = self.read_ahead.as_mut() else {
+                continue;
+            };
+            let joined = pending.await;
+            self.read_ahead = None;
+            if !std::mem::take(&mut self.read_ahead_stale) {
+                break joined;
+            }
         };
-        let (matching, last_scanned, scan) = pending
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("replay task failed: {e}")))??;
+        let (matching, last_scanned, scan) =
+            joined.map_err(|e| StoreError::Corrupt(format!("replay task failed: {e}")))??;
         let Some(id) = last_scanned else {
             return Ok(None);
         };

@@ -198,12 +198,13 @@ fn an_unusable_data_directory_is_a_clear_start_up_error() {
 }
 
 #[test]
-fn a_zero_interval_is_refused_at_start() {
+fn an_interval_of_zero_or_over_a_day_is_refused_at_start() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    for flag in ["--heartbeat", "--write-timeout", "--checkpoint-interval"] {
+    let flags = ["--heartbeat", "--write-timeout", "--checkpoint-interval"];
+    for (flag, value) in flags.iter().flat_map(|f| [(*f, "0"), (*f, "86401")]) {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", flag, "0", "--data"])
+            .args(["serve", "--listen", "127.0.0.1:0", flag, value, "--data"])
             .arg(&data)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -218,7 +219,7 @@ fn a_zero_interval_is_refused_at_start() {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("cairn serve {flag} 0 started instead of refusing the flag");
+                panic!("cairn serve {flag} {value} started instead of refusing the flag");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -229,8 +230,8 @@ fn a_zero_interval_is_refused_at_start() {
             .expect("stderr")
             .read_to_string(&mut stderr)
             .expect("read stderr");
-        assert_eq!(status.code(), Some(2), "{flag} 0: {stderr}");
-        assert!(stderr.contains(flag), "{flag} 0: {stderr}");
-        assert!(!data.exists(), "{flag} 0 created the data directory");
+        assert_eq!(status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(!data.exists(), "{flag} {value} created the data directory");
     }
 }

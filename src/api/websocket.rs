@@ -6,17 +6,19 @@
 //!
 //! - the subscription: one text message per event (its JCS line);
 //! - the client: `subscribe` commands, pongs, close;
-//! - a heartbeat tick: a ping, and a client whose last ping is unanswered for
-//!   `--write-timeout` is dropped (one that stops reading stops answering, and one that
-//!   stops reading while events flow is also dropped by the socket's write timeout);
+//! - a heartbeat tick: a ping. A client that leaves one unanswered for `--write-timeout`
+//!   is dropped (one that stops reading stops answering; one that stops reading while
+//!   events flow is also dropped by the socket's write timeout);
 //! - shutdown and revocation: a close frame (1001, 4003).
 //!
 //! A `subscribe` repositions the same subscription ([`Subscription::reposition`]), so a
 //! re-filter is as gap-free as a new connection. Errors the client can fix are messages
-//! (`{"type":"error",…}`, the usual error body) and the connection stays open; errors
-//! that leave nothing to serve close it: 4003 for auth, 4000 for a bad query string.
+//! (`{"type":"error",…}`, the usual error body) and the connection stays open. Errors
+//! that leave nothing to serve close it: 4003 for auth, 4000 for a bad query string, and
+//! 1009 or 1007 for a message that cannot be read (too large, not UTF-8).
 //! Memory per connection is bounded: commands are capped at [`MAX_COMMAND_BYTES`], the
-//! subscription reads the log in bounded batches, and the socket buffers one batch.
+//! subscription keeps one store read in flight (however often it is repositioned) and
+//! reads in bounded batches, and the socket buffers one batch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +63,10 @@ mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// The log could not be read.
     pub const INTERNAL: u16 = 1011;
+    /// A text message was not UTF-8.
+    pub const NOT_UTF8: u16 = 1007;
+    /// A message exceeded [`super::MAX_COMMAND_BYTES`].
+    pub const TOO_BIG: u16 = 1009;
 }
 
 pub async fn events_ws(
@@ -199,8 +205,11 @@ impl Connection {
         let heartbeat = self.settings.heartbeat;
         let mut ticks = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // When the oldest unanswered ping went out.
-        let mut ping_sent: Option<Instant> = None;
+        // Fires once the oldest unanswered ping has waited `--write-timeout`: a client
+        // that reads answers pings (its library does), one that stopped reading cannot.
+        let answer_deadline = tokio::time::sleep(self.settings.write_timeout);
+        tokio::pin!(answer_deadline);
+        let mut awaiting_pong = false;
         let mut outgoing = vec![connected];
         loop {
             // Sending waits for a slow client, but never past a revocation or shutdown.
@@ -216,14 +225,19 @@ impl Connection {
                 biased;
                 () = &mut shutdown => return End::Close(close::GOING_AWAY, "the server is shutting down"),
                 () = &mut revoked => return End::Close(close::FORBIDDEN, "the token was revoked"),
+                () = &mut answer_deadline, if awaiting_pong => {
+                    tracing::debug!("WebSocket client left a ping unanswered; dropped");
+                    return End::Gone;
+                }
                 incoming = socket.recv() => match incoming {
-                    None | Some(Err(_)) => return End::Gone,
+                    None => return End::Gone,
+                    Some(Err(e)) => return unreadable(e),
                     Some(Ok(Message::Text(text))) => vec![self.command(&text)],
                     Some(Ok(Message::Binary(_))) => vec![error_message(&ApiError::bad_request(
                         "commands are JSON text messages, not binary",
                     ))],
                     Some(Ok(Message::Pong(_))) => {
-                        ping_sent = None;
+                        awaiting_pong = false;
                         continue;
                     }
                     // Pings are answered by the socket itself; a close is answered on
@@ -231,11 +245,10 @@ impl Connection {
                     Some(Ok(Message::Ping(_) | Message::Close(_))) => continue,
                 },
                 _ = ticks.tick() => {
-                    if ping_sent.is_some_and(|sent| sent.elapsed() >= self.settings.write_timeout) {
-                        tracing::debug!("WebSocket client stopped answering pings; dropped");
-                        return End::Gone;
+                    if !awaiting_pong {
+                        awaiting_pong = true;
+                        answer_deadline.as_mut().reset(Instant::now() + self.settings.write_timeout);
                     }
-                    ping_sent.get_or_insert_with(Instant::now);
                     vec![Message::Ping(Bytes::new())]
                 }
                 next = self.subscription.next() => match next {
@@ -265,6 +278,9 @@ impl Connection {
         match self.parse_command(text) {
             Ok((after, selection)) => {
                 self.subscription.reposition(after, Arc::new(selection));
+                // The new position is where "continue after the last event sent" starts
+                // from until an event is sent.
+                self.delivered = after;
                 connected_message(&self.store, after)
             }
             Err(e) => error_message(&e),
@@ -313,6 +329,26 @@ impl Connection {
             source: command.source,
         };
         Ok((after, Selection::new(after, filter, &self.caller)))
+    }
+}
+
+/// How a connection ends when the client's data cannot be read as WebSocket messages:
+/// the standard close codes for a message too large (1009) or a text message that is
+/// not UTF-8 (1007); anything else means the connection itself failed.
+fn unreadable(error: axum::Error) -> End {
+    match error
+        .into_inner()
+        .downcast::<tungstenite::Error>()
+        .map(|e| *e)
+    {
+        Ok(tungstenite::Error::Capacity(_)) => End::Close(
+            close::TOO_BIG,
+            "a message to the server may be at most 64 KiB",
+        ),
+        Ok(tungstenite::Error::Utf8(_)) => {
+            End::Close(close::NOT_UTF8, "text messages must be UTF-8")
+        }
+        _ => End::Gone,
     }
 }
 
