@@ -60,6 +60,7 @@ enum Msg {
     /// An event's line, exactly as received.
     Event(String),
     Error(Value),
+    /// A ping or a pong.
     Ping,
     /// The close code and reason, or `None` when the connection just ended.
     Closed(Option<(u16, String)>),
@@ -91,7 +92,8 @@ async fn next_msg(ws: &mut Ws, timeout: Duration) -> Msg {
         Some(Ok(Message::Close(frame))) => {
             Msg::Closed(frame.map(|f| (u16::from(f.code), f.reason.to_string())))
         }
-        Some(Ok(Message::Ping(_))) => Msg::Ping,
+        // Pongs answer this client's own pings.
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Msg::Ping,
         Some(Ok(Message::Text(text))) => {
             let v: Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("a text message that is not JSON ({e}): {text}"));
@@ -107,10 +109,12 @@ async fn next_msg(ws: &mut Ws, timeout: Duration) -> Msg {
     }
 }
 
-/// The next message that is not a ping.
+/// The next message that is not a ping, within [`STALL`] (pings do not extend it).
 async fn next_data(ws: &mut Ws) -> Msg {
+    let deadline = Instant::now() + STALL;
     loop {
-        match next_msg(ws, STALL).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match next_msg(ws, left).await {
             Msg::Ping => continue,
             other => return other,
         }
@@ -437,6 +441,39 @@ fn subscribe_replaces_the_filter_and_the_position() {
         assert_eq!(id_of(&expect_event(&mut ws).await), *a2);
         assert_eq!(id_of(&expect_event(&mut ws).await), *a3);
 
+        // Two subscribes back to back: the second, without `since`, continues after the
+        // first one's position (nothing was delivered in between, or what was).
+        subscribe(
+            &mut ws,
+            json!({"action": "subscribe", "event_types": ["other"], "since": a1}),
+        )
+        .await;
+        subscribe(
+            &mut ws,
+            json!({"action": "subscribe", "event_types": ["kind.*"]}),
+        )
+        .await;
+        assert_eq!(expect_connected(&mut ws).await["cursor"], *a1);
+        let mut between = Vec::new();
+        let second = loop {
+            match next_data(&mut ws).await {
+                Msg::Event(line) => between.push(id_of(&line)),
+                Msg::Connected(c) => break c,
+                other => panic!("expected events or connected, got {other:?}"),
+            }
+        };
+        let continues_after = between.last().unwrap_or(a1).clone();
+        assert_eq!(second["cursor"], continues_after, "{second}");
+        let mut after_second = Vec::new();
+        for line in api
+            .export(&format!("since={continues_after}&types=kind.*"))
+            .await
+        {
+            assert_eq!(expect_event(&mut ws).await, line);
+            after_second.push(line);
+        }
+        assert_eq!(after_second.last().map(|l| id_of(l)), Some(a3.clone()));
+
         // Malformed commands: an error each; the connection, filter and position stay.
         let bad: Vec<(Message, &str)> = vec![
             (Message::Text("not json".into()), "bad_request"),
@@ -548,13 +585,20 @@ async fn resubscribing_client(
     for round in 0..RESUBSCRIBES {
         let quota = rng.random_range(1..150);
         let mut taken = 0;
+        let mut last_progress = Instant::now();
+        // Pings (every second) wake the client up to check whether appending is over.
         while taken < quota && done.get().is_none() {
-            match next_data(&mut ws).await {
+            match next_msg(&mut ws, STALL).await {
                 Msg::Event(line) => {
                     seen.push(id_of(&line));
                     segments.last_mut().expect("segment").events.push(line);
                     taken += 1;
+                    last_progress = Instant::now();
                 }
+                Msg::Ping => assert!(
+                    last_progress.elapsed() < STALL,
+                    "no event for {STALL:?} while appending"
+                ),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -755,13 +799,36 @@ fn the_connection_limit_is_shared_with_sse_and_other_refusals_are_clear() {
             assert_eq!(code, 4000, "{query}: {reason}");
         }
 
+        // A message over 64 KiB cannot be read: close 1009 (message too big).
+        drop(ws);
+        api.wait_for_open_streams(1).await;
+        let mut big = connect(&s.addr, "", Auth::Header(&s.token))
+            .await
+            .expect("connect");
+        expect_connected(&mut big).await;
+        let huge = json!({"action": "subscribe", "event_types": ["x".repeat(100 * 1024)]});
+        subscribe(&mut big, huge).await;
+        let (code, reason) = expect_close(&mut big).await;
+        assert_eq!(code, 1009, "{reason}");
+        api.wait_for_open_streams(1).await;
+
         // Not a WebSocket handshake: an ordinary HTTP error (401 first without a token).
+        let r = api
+            .http
+            .head(format!("{}/v1/events/ws", api.base))
+            .bearer_auth(&api.token)
+            .send()
+            .await
+            .expect("HEAD");
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["allow"], "GET");
         let (status, body) = api.get("/v1/events/ws", Some(&s.token)).await;
         assert!((400..500).contains(&status), "{status} {body}");
         assert_eq!(body["code"], "websocket_required", "{body}");
         let (status, body) = api.get("/v1/events/ws", None).await;
         assert_eq!(status, 401, "{body}");
-        assert_eq!(api.open_streams().await, 2);
+        assert_eq!(api.open_streams().await, 1);
+        drop(second);
     });
 }
 
@@ -810,4 +877,119 @@ fn pings_keep_a_reading_client_and_a_silent_one_is_dropped_then_sigterm_closes_1
         let (status, _s) = exited.await.expect("terminate");
         assert!(status.success(), "{status:?}");
     });
+}
+
+/// The server's thread count, from /proc.
+fn threads(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Threads")
+}
+
+#[test]
+fn frames_arriving_during_a_replay_keep_one_store_read_in_flight() {
+    let s = Server::start(&[]);
+    let api = Api::new(&s);
+    // 50,000 events: a subscribe to a type that matches none scans 16,000 of them per
+    // store read, so each read takes a while.
+    let pad = "p".repeat(200);
+    for chunk in 0..5 {
+        let body: String = (0..10_000)
+            .map(|i| {
+                json!({"type": "kind.a", "data": {"c": chunk, "i": i, "pad": pad}}).to_string()
+                    + "\n"
+            })
+            .collect();
+        let (status, reply) = s.post("/v1/events", "application/x-ndjson", body);
+        assert_eq!(status, 201, "{reply}");
+    }
+    let pid = s.pid();
+    runtime().block_on(async {
+        let ws = connect(&s.addr, "", Auth::Header(&s.token))
+            .await
+            .expect("connect");
+        let (mut sink, mut stream) = ws.split();
+        let baseline = threads(pid);
+        let sampling = thread_sampler(pid);
+        // A frame every millisecond, each landing while a store read is in flight; every
+        // tenth restarts the replay so that there always is one.
+        let frames = 1_500;
+        let subscribes = frames / 10;
+        let sender = tokio::spawn(async move {
+            let restart =
+                json!({"action": "subscribe", "event_types": ["nomatch"], "since": "earliest"});
+            for i in 0..frames {
+                let frame = if i % 10 == 0 {
+                    Message::Text(restart.to_string().into())
+                } else {
+                    Message::Ping(vec![].into())
+                };
+                sink.send(frame).await.expect("send");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sink
+        });
+        let mut connected = 0;
+        while connected < subscribes + 1 {
+            match tokio::time::timeout(STALL, stream.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let v: Value = serde_json::from_str(&text).expect("JSON");
+                    assert_eq!(v["type"], "connected", "{v}");
+                    connected += 1;
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let sink = sender.await.expect("sender");
+        let peak = sampling.stop().await;
+        // An abandoned read used to stay in flight beside the next one, each on a
+        // blocking-pool thread of its own (the pool grows to 512).
+        println!("threads: {baseline} before, {peak} at the peak");
+        assert!(
+            peak <= baseline + 8,
+            "threads went from {baseline} to {peak} during the flood"
+        );
+        // Then everything, once, in order.
+        let mut ws = sink.reunite(stream).expect("reunite");
+        subscribe(&mut ws, json!({"action": "subscribe", "since": "earliest"})).await;
+        expect_connected(&mut ws).await;
+        let expected = api.export("since=earliest").await;
+        assert_eq!(expected.len(), 50_000);
+        for line in &expected {
+            assert_eq!(&expect_event(&mut ws).await, line);
+        }
+    });
+}
+
+/// Samples a process's thread count every 2 ms until stopped; returns the peak.
+struct Sampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Sampler {
+    async fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("sampler")
+    }
+}
+
+fn thread_sampler(pid: u32) -> Sampler {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = tokio::task::spawn_blocking({
+        let stop = stop.clone();
+        move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(threads(pid));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        }
+    });
+    Sampler { stop, task }
 }

@@ -28,7 +28,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::SinkExt;
@@ -86,6 +86,19 @@ pub async fn events_ws(
         Err(rejection) => {
             return match caller {
                 Err(e) => e.into_response(),
+                // HEAD reaches GET handlers; the handshake is GET only.
+                Ok(_) if matches!(rejection, WebSocketUpgradeRejection::MethodNotGet(_)) => {
+                    let mut response = ApiError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        "the WebSocket handshake is a GET",
+                    )
+                    .into_response();
+                    response
+                        .headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+                    response
+                }
                 Ok(_) => ApiError::new(
                     rejection.status(),
                     "websocket_required",
