@@ -69,6 +69,9 @@ pub fn parse_ulid(s: &str) -> Option<Ulid> {
     Ulid::from_string(s).ok()
 }
 
+/// Most entries in a type filter.
+pub const MAX_TYPE_FILTER_ENTRIES: usize = 256;
+
 /// `types=a,b.*`: exact names and prefixes ending in `*`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TypeFilter {
@@ -87,7 +90,11 @@ impl TypeFilter {
         entries: impl IntoIterator<Item = &'a str>,
     ) -> Result<TypeFilter, String> {
         let mut filter = TypeFilter::default();
-        for item in entries {
+        for (n, item) in entries.into_iter().enumerate() {
+            // Prefixes are tried one by one for every event scanned.
+            if n == MAX_TYPE_FILTER_ENTRIES {
+                return Err(format!("has more than {MAX_TYPE_FILTER_ENTRIES} entries"));
+            }
             let item = item.trim();
             if item.is_empty() {
                 return Err("has an empty entry".into());
@@ -179,5 +186,13 @@ mod tests {
         assert!(TypeFilter::parse("*").unwrap().matches("anything"));
         assert!(TypeFilter::parse("a,,b").is_err());
         assert!(TypeFilter::parse("bad type").is_err());
+        let many = |n: usize| {
+            (0..n)
+                .map(|i| format!("t{i}*"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert!(TypeFilter::parse(&many(MAX_TYPE_FILTER_ENTRIES)).is_ok());
+        assert!(TypeFilter::parse(&many(MAX_TYPE_FILTER_ENTRIES + 1)).is_err());
     }
 }
