@@ -212,13 +212,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves HTTP/1.1 with hyper directly (not `axum::serve`): each idle stream then costs
 /// ~6 KB less (no HTTP/2 detection layer), and the header read timeout can be set.
 /// Every connection is tracked in `connections` (upgraded WebSockets add themselves), so
-/// shutdown waits for them all, up to [`SHUTDOWN_GRACE`].
+/// shutdown waits for them all, up to [`SHUTDOWN_GRACE`]; then the HTTP connections
+/// still open are dropped, requests and all, so none can keep the writer from draining.
 async fn serve_http(
     mut listener: TimeoutListener,
     router: axum::Router,
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
+    let force = CancellationToken::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -231,15 +233,19 @@ async fn serve_http(
         let connection = http
             .serve_connection(hyper_util::rt::TokioIo::new(io), service)
             .with_upgrades();
-        let stop = shutdown.clone();
+        let (stop, force) = (shutdown.clone(), force.clone());
         connections.spawn(async move {
             tokio::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
                 () = stop.cancelled() => {
-                    // Finish the request in flight (streams end on the same signal).
+                    // Finish the request in flight (streams end on the same signal)…
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::select! {
+                        ended = connection.as_mut() => ended,
+                        // …unless it outlasts the grace period (a body that never ends).
+                        () = force.cancelled() => return,
+                    }
                 }
             };
             if let Err(e) = ended {
@@ -256,6 +262,13 @@ async fn serve_http(
         tracing::warn!(
             "connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them"
         );
+        force.cancel();
+        if tokio::time::timeout(Duration::from_secs(1), connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after being closed; exiting without them");
+        }
     }
 }
 

@@ -235,3 +235,21 @@ fn an_interval_of_zero_or_over_a_day_is_refused_at_start() {
         assert!(!data.exists(), "{flag} {value} created the data directory");
     }
 }
+
+#[test]
+fn a_request_stuck_mid_body_does_not_keep_sigterm_from_exiting() {
+    let mut s = Server::start(&[]);
+    let mut stuck = std::net::TcpStream::connect(&s.addr).expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"type\":",
+        s.token
+    );
+    std::io::Write::write_all(&mut stuck, head.as_bytes()).expect("send");
+    // Connections are accepted in order: once a later one is served, this one is in.
+    assert_eq!(s.get("/healthz").0, 200);
+    // The body never completes; the server waits out its grace period, then exits.
+    let status = s.terminate();
+    assert!(status.success(), "{status:?}");
+    drop(stuck);
+}
