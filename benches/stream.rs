@@ -5,7 +5,8 @@
 //! server's resident memory per idle stream.
 //!
 //! `cargo bench --bench stream` runs all; `cargo bench --bench stream -- w4` runs one
-//! (names: w3, w4-sse, w4-ws, w4-mixed, fanout1000, idle; `w4` runs all three W4s).
+//! (names: w3, w4-sse, w4-ws, w4-mixed, fanout1000, idle-sse, idle-ws; `w4` runs the
+//! three W4s, `idle` both idle runs).
 //!
 //! The client is lean on purpose (client and server share the machine's cores): hyper's
 //! `client::conn::http1` with one connection per task and no pool, and a `memchr` SSE
@@ -1049,9 +1050,18 @@ async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
 // ---------------------------------------------------------------------------------------
 // idle: memory per idle live stream
 
-/// Opens one live SSE stream on a bare socket with small buffers and waits for its
-/// `connected` frame; the stream is then left unread.
-async fn open_idle(addr: std::net::SocketAddr, request: Arc<Vec<u8>>) -> Result<TcpStream, String> {
+/// Opens one idle live stream on a bare socket with small buffers and waits for its
+/// `connected` message; the stream is then left unread.
+async fn open_idle(
+    addr: std::net::SocketAddr,
+    transport: Transport,
+    request: Arc<Vec<u8>>,
+) -> Result<TcpStream, String> {
+    let (status, connected): (&[u8], &[u8]) = match transport {
+        Transport::Sse => (b"HTTP/1.1 200", b"event: connected"),
+        // JCS-free but sorted by serde_json: `type` is the last key.
+        _ => (b"HTTP/1.1 101", b"\"type\":\"connected\"}"),
+    };
     let work = async {
         let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         let _ = socket.set_recv_buffer_size(4096);
@@ -1090,12 +1100,12 @@ async fn open_idle(addr: std::net::SocketAddr, request: Arc<Vec<u8>>) -> Result<
                 return Err("closed before connected".to_string());
             }
             got.extend_from_slice(&buf[..n]);
-            if got.len() >= 12 && !got.starts_with(b"HTTP/1.1 200") {
+            if got.len() >= 12 && !got.starts_with(status) {
                 let status = String::from_utf8_lossy(&got[9..12]).into_owned();
                 return Err(format!("status {status}"));
             }
-            if let Some(i) = memmem::find(&got, b"event: connected")
-                && memmem::find(&got[i..], b"\n\n").is_some()
+            if let Some(i) = memmem::find(&got, connected)
+                && (transport != Transport::Sse || memmem::find(&got[i..], b"\n\n").is_some())
             {
                 return Ok(stream);
             }
@@ -1113,13 +1123,14 @@ async fn open_idle(addr: std::net::SocketAddr, request: Arc<Vec<u8>>) -> Result<
 /// Opens up to `n` idle streams, `OPEN_IN_FLIGHT` at a time; stops early once 1,000 failed.
 async fn open_many(
     addr: std::net::SocketAddr,
+    transport: Transport,
     request: Arc<Vec<u8>>,
     n: usize,
     into: &mut Vec<TcpStream>,
     failures: &mut std::collections::BTreeMap<String, u64>,
 ) {
     let mut opens = futures_util::stream::iter(0..n)
-        .map(|_| open_idle(addr, request.clone()))
+        .map(|_| open_idle(addr, transport, request.clone()))
         .buffer_unordered(OPEN_IN_FLIGHT);
     while let Some(r) = opens.next().await {
         match r {
@@ -1134,16 +1145,23 @@ async fn open_many(
     }
 }
 
-async fn idle(server: &Server, total: usize) {
+async fn idle(server: &Server, transport: Transport, total: usize) {
     let addr: std::net::SocketAddr = server.addr.parse().expect("addr");
-    let request = Arc::new(
-        format!(
+    let request = match transport {
+        Transport::Sse => format!(
             "GET /v1/events/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nAccept: text/event-stream\r\n\r\n",
             server.addr,
             server.auth()
-        )
-        .into_bytes(),
-    );
+        ),
+        _ => format!(
+            "GET /v1/events/ws HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            server.addr,
+            server.auth()
+        ),
+    };
+    let request = Arc::new(request.into_bytes());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss0 = server.status("VmRSS");
     let threads0 = server.status("Threads");
@@ -1151,7 +1169,15 @@ async fn idle(server: &Server, total: usize) {
     let mut failures = std::collections::BTreeMap::new();
     let t = Instant::now();
     let first = 1000.min(total);
-    open_many(addr, request.clone(), first, &mut streams, &mut failures).await;
+    open_many(
+        addr,
+        transport,
+        request.clone(),
+        first,
+        &mut streams,
+        &mut failures,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (n1, rss1, hz1) = (
         streams.len(),
@@ -1159,7 +1185,15 @@ async fn idle(server: &Server, total: usize) {
         healthz_connections(&server.addr).await,
     );
     if failures.values().sum::<u64>() < 1000 {
-        open_many(addr, request, total - first, &mut streams, &mut failures).await;
+        open_many(
+            addr,
+            transport,
+            request,
+            total - first,
+            &mut streams,
+            &mut failures,
+        )
+        .await;
     }
     let open_secs = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1180,7 +1214,7 @@ async fn idle(server: &Server, total: usize) {
     let per_conn = (rss2 as f64 - rss0 as f64) / n2.max(1) as f64;
     let marginal = (rss2 as f64 - rss1 as f64) / (n2 - n1).max(1) as f64;
     println!(
-        "W5 idle: {n2} of {total} idle streams open in {open_s:.2} s (healthz connections {hz2}); server VmRSS {:.1} MB -> {:.1} MB: {per_conn:.1} KB per connection [target <= 20 KB: {}]  marginal (1,000 -> {n2}) {marginal:.1} KB",
+        "W5 idle {transport:?}: {n2} of {total} idle streams open in {open_s:.2} s (healthz connections {hz2}); server VmRSS {:.1} MB -> {:.1} MB: {per_conn:.1} KB per connection [target <= 20 KB: {}]  marginal (1,000 -> {n2}) {marginal:.1} KB",
         rss0 as f64 / 1024.0,
         rss2 as f64 / 1024.0,
         mark(per_conn <= 20.0),
@@ -1241,13 +1275,19 @@ fn main() {
         let name = "fanout1000 --sync none, 1,000 subscribers x 1,000 events/s x 5 s";
         rt.block_on(fanout(&s, &cfg, name, 50.0));
     }
-    if wanted("idle") {
+    for (part, transport) in [
+        ("idle-sse", Transport::Sse),
+        ("idle-ws", Transport::WebSocket),
+    ] {
+        if !wanted(part) {
+            continue;
+        }
         let total = 10_000;
         if nofile < total as u64 + 200 {
             println!("idle: the open-file limit {nofile} is too low for {total} connections");
         } else {
             let s = Server::start("none", &["--max-connections", "20000"]);
-            rt.block_on(idle(&s, total));
+            rt.block_on(idle(&s, transport, total));
         }
     }
 }
