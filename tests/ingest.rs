@@ -4,11 +4,9 @@
 //! parameter validation and filters, and the data-directory lock.
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BIN, Server, cairn};
+use common::{Server, cairn, run_bounded};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -153,41 +151,6 @@ fn post_idempotent(s: &Server, key: &str, body: &Value) -> (u16, Value) {
         .expect("POST");
     let status = r.status().as_u16();
     (status, r.json().unwrap_or(Value::Null))
-}
-
-/// Runs `cairn` with `args`; kills it and panics if it has not exited within `timeout`.
-/// Returns the exit code and stderr.
-fn run_bounded(args: &[&std::ffi::OsStr], timeout: Duration) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env_remove("CAIRN_URL")
-        .env_remove("CAIRN_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cairn");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = reader.join().unwrap_or_default();
-            panic!("cairn {args:?} did not exit within {timeout:?}; stderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status.code(), reader.join().unwrap_or_default())
 }
 
 // ---------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 //! cairn is refused with a clear message (never a panic), leaving the data untouched.
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::ffi::OsStr;
+use std::process::Command;
+use std::time::Duration;
 
 use cairn::store::{CommitBatch, DataDir, Store};
-use common::{BIN, Server, cairn};
+use common::{BIN, Server, cairn, run_bounded};
 use serde_json::json;
 
 /// Rewrites event `seq` of the first chunk with `edit` applied to its line, the way a
@@ -203,34 +203,12 @@ fn an_interval_of_zero_or_over_a_day_is_refused_at_start() {
     let data = tmp.path().join("data");
     let flags = ["--heartbeat", "--write-timeout", "--checkpoint-interval"];
     for (flag, value) in flags.iter().flat_map(|f| [(*f, "0"), (*f, "86401")]) {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", flag, value, "--data"])
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cairn");
-        // A server that accepted the flag would run until killed.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("cairn serve {flag} {value} started instead of refusing the flag");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut stderr)
-            .expect("read stderr");
-        assert_eq!(status.code(), Some(2), "{flag} {value}: {stderr}");
+        let args = ["serve", "--listen", "127.0.0.1:0", flag, value, "--data"];
+        let mut args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        args.push(data.as_os_str());
+        // A server that accepted the flag would run until killed (and fail the test).
+        let (code, stderr) = run_bounded(&args, Duration::from_secs(20));
+        assert_eq!(code, Some(2), "{flag} {value}: {stderr}");
         assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
         assert!(!data.exists(), "{flag} {value} created the data directory");
     }
