@@ -561,7 +561,7 @@ pub mod naive {
         1 << (n - 1).ilog2()
     }
 
-    /// MTH(D[n]).
+    /// MTH(D\[n\]).
     pub fn root(leaves: &[Hash]) -> Hash {
         match leaves.len() {
             0 => EMPTY_HASH,
@@ -573,7 +573,7 @@ pub mod naive {
         }
     }
 
-    /// PATH(m, D[n]).
+    /// PATH(m, D\[n\]).
     pub fn path(m: usize, leaves: &[Hash]) -> Vec<Hash> {
         let n = leaves.len();
         if n <= 1 {
@@ -589,7 +589,7 @@ pub mod naive {
         p
     }
 
-    /// PROOF(m, D[n]), 0 < m ≤ n.
+    /// PROOF(m, D\[n\]), 0 < m ≤ n.
     pub fn consistency(m: usize, leaves: &[Hash]) -> Vec<Hash> {
         subproof(m, leaves, true)
     }
