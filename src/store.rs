@@ -686,22 +686,13 @@ impl Store {
             .range(&tree_key(0)[..]..=&tree_key(leaf)[..])
             .next_back()
             .ok_or_else(missing)??;
-        let pairs = value.get(8..).ok_or_else(missing)?;
-        // Pairs are in index order: binary search them.
-        let (mut lo, mut hi) = (0, pairs.len() / 40);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            let at = &pairs[mid * 40..mid * 40 + 40];
-            let found = u64::from_be_bytes(at[..8].try_into().map_err(|_| missing())?);
-            match found.cmp(&index) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => {
-                    return at[8..].try_into().map_err(|_| missing());
-                }
-            }
-        }
-        Err(missing())
+        let (pairs, _) = value.get(8..).ok_or_else(missing)?.as_chunks::<40>();
+        // Pairs are in index order.
+        let index_of = |pair: &[u8; 40]| u64::from_be_bytes(*pair.first_chunk().unwrap_or(&[0; 8]));
+        let at = pairs
+            .binary_search_by_key(&index, index_of)
+            .map_err(|_| missing())?;
+        Ok(*pairs[at].last_chunk().unwrap_or(&[0; 32]))
     }
 
     /// How many leaves the stored Merkle tree covers.
