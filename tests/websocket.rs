@@ -991,3 +991,52 @@ fn thread_sampler(pid: u32) -> Sampler {
     });
     Sampler { stop, task }
 }
+
+/// One metric's value from `GET /metrics` (0 when absent).
+async fn metric(api: &Api, name: &str) -> f64 {
+    let text = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_websocket_that_falls_behind_the_live_buffer_reads_the_log_and_counts_in_metrics() {
+    let s = Server::start(&["--sync", "none"]);
+    let api = Api::new(&s);
+    runtime().block_on(async {
+        let mut ws = connect(&s.addr, "", Auth::Header(&s.token))
+            .await
+            .expect("connect");
+        expect_connected(&mut ws).await;
+        assert_eq!(metric(&api, "cairn_streams_open").await, 1.0);
+        // The client reads nothing while 5,000 single appends (one broadcast message
+        // each, more than the live buffer's 4,096) and ~40 MB go by, far more than socket buffers hold.
+        let pad = "p".repeat(8_000);
+        for i in 0..5_000 {
+            let r = api
+                .http
+                .post(format!("{}/v1/events", api.base))
+                .bearer_auth(&api.token)
+                .json(&json!({"type": "kind.a", "data": {"i": i, "pad": pad}}))
+                .send()
+                .await
+                .expect("append");
+            assert_eq!(r.status(), 201);
+        }
+        let expected = api.export("since=earliest").await;
+        for line in &expected {
+            assert_eq!(&expect_event(&mut ws).await, line);
+        }
+        assert!(metric(&api, "cairn_stream_catchup_total").await >= 1.0);
+        assert!(metric(&api, "cairn_events_delivered_total").await >= 5_000.0);
+    });
+}
