@@ -1019,7 +1019,8 @@ fn a_websocket_that_falls_behind_the_live_buffer_reads_the_log_and_counts_in_met
         expect_connected(&mut ws).await;
         assert_eq!(metric(&api, "cairn_streams_open").await, 1.0);
         // The client reads nothing while 5,000 single appends (one broadcast message
-        // each, more than the live buffer's 4,096) and ~40 MB go by, far more than socket buffers hold.
+        // each, more than the live buffer's 4,096) and ~40 MB go by, far more than the
+        // socket buffers hold.
         let pad = "p".repeat(8_000);
         for i in 0..5_000 {
             let r = api
