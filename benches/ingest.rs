@@ -1,5 +1,6 @@
-//! Ingest benchmarks against the real release server over loopback HTTP (the workloads
-//! of ../shared/peers): prints events/s, batch latency percentiles, RSS and disk use.
+//! Ingest benchmarks against the real release server over loopback HTTP (workloads W1
+//! and W2 of the team's peer comparison, docs/benchmarks.md: 300-byte `tool_call` events in
+//! batches of 100 from 4 connections, fsync'd or buffered): prints events/s, batch latency percentiles, RSS and disk use.
 //!
 //! `cargo bench --bench ingest` runs all; `cargo bench --bench ingest -- w1` runs one
 //! (names: w1, w2, single, rss). `CAIRN_BENCH_EVENTS_RSS` overrides the 1,000,000 events

@@ -1,5 +1,6 @@
 //! Streaming benchmarks against the real release server over loopback HTTP (workloads
-//! W3, W4 and W5 of ../shared/peers, plus a 1,000-subscriber fan-out; W4 over SSE and
+//! W3 replay, W4 fan-out and W5 idle subscriptions of the team's peer comparison,
+//! docs/benchmarks.md, plus a 1,000-subscriber fan-out; W4 over SSE and
 //! over WebSocket): prints replay
 //! events/s and time to first event, fan-out delivery and end-to-end latency, and the
 //! server's resident memory per idle stream.

@@ -13,10 +13,7 @@ use serde_json::{Map, Number, Value, json};
 use sha2::{Digest, Sha256};
 use ulid::Ulid;
 
-const JCS_TESTDATA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/vectors/jcs/testdata"
-);
+const JCS_TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/jcs/testdata");
 const EVENT_VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/events.json");
 
 fn sorted_files(dir: &Path) -> Vec<PathBuf> {

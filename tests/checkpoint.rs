@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tlog_tiles::Hash;
 
 fn vectors() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
 }
 
 fn json_files(dir: &Path, out: &mut Vec<PathBuf>) {
