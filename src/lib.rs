@@ -39,6 +39,7 @@
 //! | [`auth`] | tokens, roles, allow-lists, revocation |
 //! | [`api`] | axum routes (ingest, read, SSE and WebSocket streams, proofs, tokens, ops) and the error body |
 //! | [`server`] | `cairn serve`: start-up checks, HTTP/1.1 serving, draining |
+//! | [`half_close`] | a client that shuts down its sending side still gets its response |
 //! | [`shutdown`] | SIGTERM/SIGINT |
 //! | [`telemetry`] | Prometheus metrics |
 //! | [`client`] | the HTTP client remote commands share |
@@ -52,6 +53,7 @@ pub mod client;
 pub mod commands;
 pub mod cursor;
 pub mod event;
+pub mod half_close;
 pub mod ijson;
 pub mod merkle;
 pub mod rfc3339;

@@ -10,11 +10,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::add_extension::AddExtension;
+use tower_http::map_request_body::MapRequestBody;
 
 use crate::api::{self, ApiConfig, AppState, StreamConfig, StreamSlots};
 use crate::auth::Tokens;
 use crate::chain::Verifier;
 use crate::checkpoint::{self, Checkpointer};
+use crate::half_close::{BodyUntilPeerShutdown, HalfCloseAware, PeerShutdown};
 use crate::merkle;
 use crate::store::{DataDir, Store};
 use crate::writer::{SyncMode, Writer};
@@ -229,25 +232,42 @@ async fn serve_http(
             io = listener.accept() => io,
             () = shutdown.cancelled() => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let peer = PeerShutdown::default();
+        let body_peer = peer.clone();
+        let service = MapRequestBody::new(
+            AddExtension::new(router.clone(), peer.clone()),
+            move |body| BodyUntilPeerShutdown::new(body, body_peer.clone()),
+        );
+        let io = HalfCloseAware::new(io, peer.clone());
         let connection = http
-            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .serve_connection(
+                hyper_util::rt::TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
             .with_upgrades();
         let (stop, force) = (shutdown.clone(), force.clone());
         connections.spawn(async move {
             tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = stop.cancelled() => {
+            let (mut stopping, mut peer_closed) = (false, false);
+            let ended = loop {
+                tokio::select! {
+                    ended = connection.as_mut() => break ended,
                     // Finish the request in flight (streams end on the same signal)…
-                    connection.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        ended = connection.as_mut() => ended,
-                        // …unless it outlasts the grace period (a body that never ends).
-                        () = force.cancelled() => return,
+                    () = stop.cancelled(), if !stopping => {
+                        stopping = true;
+                        connection.as_mut().graceful_shutdown();
                     }
+                    // …as when the client has sent all it will send (half_close).
+                    () = peer.closed().cancelled(), if !peer_closed => {
+                        peer_closed = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    // …unless it outlasts the grace period (a body that never ends).
+                    () = force.cancelled() => break Ok(()),
                 }
             };
+            // Upgraded (a WebSocket) or done: end-of-file is the new owner's to see.
+            peer.pass_through();
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -25,12 +25,16 @@ use super::{ApiError, AppState};
 use crate::auth::{Caller, Role};
 use crate::cursor::{self, ZERO};
 use crate::event::Event;
+use crate::half_close::PeerShutdown;
 use crate::subscription::{Item, Selector, Subscription};
 use std::pin::Pin;
 use tokio::time::Sleep;
 
 /// Milliseconds an `EventSource` waits before reconnecting.
 const RETRY_MS: u32 = 2000;
+/// After the client shut down its sending side, the second probe's delay: long enough
+/// for the reset of a client that has gone to come back from the first one.
+const PROBE_DELAY: Duration = Duration::from_secs(1);
 
 /// Open streams (SSE and WebSocket together) against `--max-connections`.
 #[derive(Debug)]
@@ -132,6 +136,7 @@ pub async fn stream(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
+    peer: Option<Extension<PeerShutdown>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
@@ -172,6 +177,8 @@ pub async fn stream(
         revoked: caller.revoked.clone(),
         frames: BytesMut::new(),
         timer: Box::pin(tokio::time::sleep(state.stream.heartbeat)),
+        peer: peer.map(|Extension(peer)| peer),
+        probe_at: None,
         _slot: slot,
     };
     let stream = futures_util::stream::unfold(body, SseBody::next_frame);
@@ -204,6 +211,11 @@ struct SseBody {
     /// Fires at most once per heartbeat interval (re-armed lazily from `last_frame`),
     /// instead of a timer per event.
     timer: Pin<Box<Sleep>>,
+    /// The connection's read side; taken when the client shuts down its sending side
+    /// (see `half_close`), which starts the probes.
+    peer: Option<PeerShutdown>,
+    /// When the second probe is due.
+    probe_at: Option<Instant>,
     _slot: SlotGuard,
 }
 
@@ -220,15 +232,26 @@ impl SseBody {
                 () = self.shutdown.cancelled() => return None,
                 () = self.revoked.cancelled() => return None,
                 () = self.timer.as_mut() => None,
+                () = peer_shutdown(&self.peer) => {
+                    // Either still reading (and these are just heartbeats) or gone, in
+                    // which case the write after its reset fails and ends the stream.
+                    self.peer = None;
+                    let probe_at = Instant::now() + PROBE_DELAY;
+                    self.probe_at = Some(probe_at);
+                    self.timer.as_mut().reset(probe_at.into());
+                    self.last_frame = Instant::now();
+                    return Some((Ok(self.heartbeat_frame()), self));
+                }
                 next = self.subscription.next() => Some(next?),
             };
             let frame = match next {
                 None => {
-                    let due = self.last_frame + self.heartbeat;
+                    let due = self.probe_at.unwrap_or(self.last_frame + self.heartbeat);
                     if Instant::now() < due {
                         self.timer.as_mut().reset(due.into());
                         continue;
                     }
+                    self.probe_at = None;
                     self.timer
                         .as_mut()
                         .reset((Instant::now() + self.heartbeat).into());
@@ -269,6 +292,13 @@ impl SseBody {
         } else {
             Bytes::from_static(b": heartbeat\n\n")
         }
+    }
+}
+
+async fn peer_shutdown(peer: &Option<PeerShutdown>) {
+    match peer {
+        Some(peer) => peer.closed().cancelled().await,
+        None => std::future::pending().await,
     }
 }
 
