@@ -418,6 +418,75 @@ pub struct Store {
     _dir: DataDir,
 }
 
+/// Opens sled with cairn's fixed settings. sled writes its settings file (`log/conf`) when
+/// it creates a log and never fsyncs it, so a power cut can leave it torn; sled then
+/// refuses the whole log ("Read corrupted data", or a settings mismatch) although every
+/// event is intact. sled only warns about the file's checksum, so cairn checks it first:
+/// a damaged file is set aside as `log/conf.damaged` and sled writes it anew, which is
+/// safe because cairn always opens sled with the same settings. An intact file is left to
+/// sled (a real mismatch of settings is sled's to refuse).
+fn open_sled(db_path: &Path) -> Result<sled::Db> {
+    let settings = db_path.join("conf");
+    if let Some(damage) = settings_damage(&settings)? {
+        let aside = db_path.join("conf.damaged");
+        std::fs::rename(&settings, &aside).map_err(|source| StoreError::Io {
+            path: settings.clone(),
+            source,
+        })?;
+        tracing::warn!(
+            damaged = %aside.display(),
+            "sled's settings file was damaged ({damage}; a torn write, as after a power cut): \
+             set it aside, and sled rewrites it with cairn's fixed settings"
+        );
+    }
+    Ok(sled::Config::new()
+        .path(db_path)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .segment_size(SEGMENT_BYTES)
+        .open()?)
+}
+
+/// What is wrong with sled's settings file, if anything: its last 4 bytes are the
+/// CRC-32 (little-endian) of the rest. A missing file, or one of 8 bytes or fewer, sled
+/// treats as absent and writes itself.
+fn settings_damage(path: &Path) -> Result<Option<&'static str>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    if bytes.len() <= 8 {
+        return Ok(None);
+    }
+    let Some((text, crc)) = bytes.split_last_chunk::<4>() else {
+        return Ok(None);
+    };
+    if crc32fast::hash(text) != u32::from_le_bytes(*crc) {
+        return Ok(Some("its checksum does not match"));
+    }
+    Ok(None)
+}
+
+/// fsyncs sled's settings file and the directories that name it, which sled never does,
+/// so the file a power cut can tear is on disk before the first event is acknowledged.
+fn sync_settings_file(data_dir: &Path, db_path: &Path) -> Result<()> {
+    for path in [
+        db_path.join("conf"),
+        db_path.to_path_buf(),
+        data_dir.to_path_buf(),
+    ] {
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StoreError::Io { path, source })?;
+    }
+    Ok(())
+}
+
 /// Sled's page cache; the rest of the process stays small beside it.
 const SLED_CACHE_BYTES: u64 = 32 << 20;
 /// Decoded chunks kept for point lookups (`/v1/events/{id}`, paging).
@@ -427,11 +496,8 @@ impl Store {
     /// Opens (or creates) the log in a locked data directory and loads its head.
     pub fn open(dir: DataDir) -> Result<Store> {
         let db_path = dir.path().join("log");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .segment_size(SEGMENT_BYTES)
-            .open()?;
+        let db = open_sled(&db_path)?;
+        sync_settings_file(dir.path(), &db_path)?;
         let log = db.open_tree("log")?;
         let tokens = db.open_tree("tokens")?;
         let log_file_path = db_path.join("db");

@@ -231,3 +231,64 @@ fn a_request_stuck_mid_body_does_not_keep_sigterm_from_exiting() {
     assert!(status.success(), "{status:?}");
     drop(stuck);
 }
+
+/// sled's settings file (`log/conf`) torn by a power cut, as seen in a power-loss probe:
+/// the events are intact, so the server sets the file aside, rewrites it, and serves them.
+#[test]
+fn a_damaged_sled_settings_file_does_not_keep_intact_events_from_serving() {
+    let mut s = Server::start(&[]);
+    let events: Vec<_> = (0..50)
+        .map(|i| json!({"type": "audit", "data": {"n": i}}))
+        .collect();
+    let (status, body) = s.post_json(&json!({ "events": events }));
+    assert_eq!(status, 201, "{body}");
+    let exported = s.export_lines();
+    assert!(s.terminate().success());
+    let data = s.data.clone();
+    let settings = data.join("log/conf");
+    let intact = std::fs::read(&settings).expect("read log/conf");
+    assert!(intact.len() > 12, "sled wrote its settings file");
+
+    let damages: [(&str, Vec<u8>); 3] = [
+        ("torn (cut short)", intact[..intact.len() - 7].to_vec()),
+        ("a flipped byte", {
+            let mut bytes = intact.clone();
+            bytes[3] ^= 0x20;
+            bytes
+        }),
+        ("garbage", vec![0xff; 40]),
+    ];
+    for (damage, bytes) in damages {
+        std::fs::write(&settings, &bytes).expect("damage log/conf");
+        let mut s = Server::start_on(&data, &[]);
+        assert_eq!(
+            s.export_lines(),
+            exported,
+            "{damage}: every event is served"
+        );
+        let log = s.log_text();
+        assert!(
+            log.contains("settings file was damaged"),
+            "{damage}: the log says what happened: {log}"
+        );
+        assert_eq!(
+            std::fs::read(data.join("log/conf.damaged")).expect("set aside"),
+            bytes,
+            "{damage}: the damaged file is kept for inspection"
+        );
+        assert_eq!(
+            std::fs::read(&settings).expect("rewritten"),
+            intact,
+            "{damage}: rewritten exactly as sled first wrote it"
+        );
+        assert!(s.terminate().success());
+    }
+
+    // An intact file is left alone and nothing is said about it.
+    std::fs::remove_file(data.join("log/conf.damaged")).expect("remove");
+    let mut s = Server::start_on(&data, &[]);
+    assert_eq!(s.export_lines(), exported);
+    assert!(!s.log_text().contains("settings file"), "{}", s.log_text());
+    assert!(!data.join("log/conf.damaged").exists());
+    assert!(s.terminate().success());
+}
