@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench proofs` (`CAIRN_BENCH_EVENTS` for another log size). The ingest
 //! cost of the tree is measured by `cargo bench --bench ingest` against a build without
-//! it (`CAIRN_BENCH_BIN=…`), see README.
+//! it (`CAIRN_BENCH_BIN=…`), see docs/benchmarks.md.
 mod support;
 
 use std::time::{Duration, Instant};
