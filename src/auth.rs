@@ -21,8 +21,20 @@ use tokio_util::sync::CancellationToken;
 use crate::cursor::TypeFilter;
 use crate::store::{Store, StoreError};
 
+/// What a token may do: `read` (query, stream, export, verify, head, checkpoint,
+/// proofs), `ingest` (append, and all read may), `admin` (everything, and tokens).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

@@ -41,13 +41,17 @@ pub struct NewEvent {
     pub data_jcs: String,
 }
 
-/// One problem in an ingest request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One problem in a request: an invalid event member, a malformed parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Problem {
     /// 0-based position of the event in the request; absent for request-level problems.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub index: Option<usize>,
+    /// The member or parameter at fault, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub field: Option<String>,
     pub message: String,
 }

@@ -1595,6 +1595,7 @@ fn malformed_query_parameters_are_400_naming_the_parameter() {
         ("limit=1001", "limit"),
         ("limit=-1", "limit"),
         ("limit=ten", "limit"),
+        ("limit=%2B5", "limit"),
         ("limit=", "limit"),
         ("order=sideways", "order"),
         ("order=", "order"),

@@ -4,19 +4,59 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::event::Problem;
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub details: Vec<Problem>,
 }
 
+/// Every error code the API sends, so the OpenAPI document lists them exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[cfg_attr(test, derive(serde::Deserialize))]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    ValidationFailed,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    IdempotencyKeyReused,
+    TooManyConnections,
+    WebsocketRequired,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as sent (and as the `code` label of `cairn_requests_rejected_total`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::ValidationFailed => "validation_failed",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::WebsocketRequired => "websocket_required",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -26,7 +66,7 @@ impl ApiError {
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
     }
 
     /// A malformed query parameter, named in the message and in `details`.
@@ -43,7 +83,7 @@ impl ApiError {
     pub fn validation(details: Vec<Problem>) -> Self {
         let mut e = Self::new(
             StatusCode::BAD_REQUEST,
-            "validation_failed",
+            ErrorCode::ValidationFailed,
             "validation failed",
         );
         e.details = details;
@@ -53,43 +93,54 @@ impl ApiError {
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "a valid token is required (Authorization: Bearer <token>, or ?token=<token>)",
         )
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
     pub fn internal(message: impl std::fmt::Display) -> Self {
         tracing::error!(error = %message, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             format!("internal error: {message}"),
         )
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    /// `"error"` on a WebSocket, where errors share the connection with other messages.
+/// The body of every error response. No other member is ever sent.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Error)]
+pub struct Body<'a> {
+    /// `"error"` on a WebSocket, where errors share the connection with other messages
+    /// (never in an HTTP response, so the document leaves it out).
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     kind: Option<&'static str>,
+    /// What went wrong, for people.
     error: &'a str,
-    code: &'a str,
+    /// What went wrong, for programs.
+    code: ErrorCode,
+    /// Each problem found, where that helps (every invalid event of an ingest request,
+    /// the malformed parameter); absent otherwise.
     #[serde(skip_serializing_if = "<[Problem]>::is_empty")]
+    #[schema(min_items = 1)]
     details: &'a [Problem],
 }
 
 impl ApiError {
     fn body(&self, kind: Option<&'static str>) -> Body<'_> {
-        metrics::counter!(crate::telemetry::REQUESTS_REJECTED, "code" => self.code).increment(1);
+        metrics::counter!(crate::telemetry::REQUESTS_REJECTED, "code" => self.code.as_str())
+            .increment(1);
         Body {
             kind,
             error: &self.message,
@@ -108,5 +159,28 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body(None))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::PartialSchema;
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::Schema;
+
+    use super::ErrorCode;
+
+    /// The document's list of codes (from serde's names) is what is sent (`as_str`).
+    #[test]
+    fn documented_codes_are_the_codes_sent() {
+        let RefOr::T(Schema::Object(schema)) = ErrorCode::schema() else {
+            panic!("ErrorCode is not an inline string schema");
+        };
+        let names = schema.enum_values.expect("an enum of codes");
+        for name in names {
+            let code: ErrorCode = serde_json::from_value(name.clone()).expect("a code");
+            assert_eq!(Some(code.as_str()), name.as_str());
+            assert_eq!(serde_json::to_value(code).expect("serialize"), name);
+        }
     }
 }

@@ -8,9 +8,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use ulid::Ulid;
+use utoipa::ToSchema;
 
+use super::openapi::{self, EventId, wire};
 use super::read::{HeadJson, head_json};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Envelope, ErrorCode};
 use crate::auth::{Caller, Role};
 use crate::event::{self, BodyFormat, NewEvent, RequestError};
 use crate::store::Head;
@@ -19,18 +21,22 @@ use crate::writer::{AppendError, Appended, IdempotencyKey};
 /// Bodies above this size are parsed on the blocking pool, off the async workers.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
 
-#[derive(Serialize)]
-struct Ingested {
+/// What an append wrote (or, for a retried `Idempotency-Key`, what it wrote the first time).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ingested {
+    /// Events appended.
+    #[schema(minimum = 1)]
     ingested: u64,
+    #[schema(minimum = 1)]
     first_seq: u64,
+    #[schema(minimum = 1)]
     last_seq: u64,
+    /// The new events' ids, in order.
+    #[schema(value_type = Vec<EventId>, min_items = 1)]
     ids: Vec<Ulid>,
+    /// The head right after the last of them.
     head: HeadJson,
-}
-
-#[derive(Serialize)]
-struct Envelope<T> {
-    data: T,
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
@@ -48,7 +54,7 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
     } else {
         Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "Content-Type must be application/json, application/x-ndjson or application/ndjson",
         ))
     }
@@ -57,12 +63,12 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
+        ErrorCode::PayloadTooLarge,
         format!("the request body exceeds {limit} bytes"),
     )
 }
 
-async fn read_body(
+pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
@@ -117,12 +123,53 @@ fn parse(body: &[u8], format: BodyFormat, max_events: usize) -> Result<Vec<NewEv
         RequestError::Invalid(problems) => ApiError::validation(problems),
         RequestError::TooMany { count, max } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("the request holds {count} events; at most {max} are allowed per request"),
         ),
     })
 }
 
+/// Append events
+///
+/// A request is atomic: every event in it is appended, in order, or none is and the
+/// response lists every problem with its `index`. The answer comes once the events are
+/// durable.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "events",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
+            description = "1–255 visible ASCII characters. A retry with the same key (per \
+            token) and body returns the first response and appends nothing; the same key \
+            with another body is a 422."),
+    ),
+    request_body(
+        description = "One event object or `{\"events\": [...]}`; or NDJSON, one event object \
+            per line (blank lines ignored). At most 10,000 events and 16 MiB by default.",
+        content(
+            (wire::IngestBody = "application/json"),
+            (String = "application/x-ndjson"),
+            (String = "application/ndjson"),
+        )
+    ),
+    responses(
+        (status = 201, description = "Appended and durable", body = Envelope<Ingested>),
+        (status = 400, description = "Invalid JSON (`bad_request`, naming line and column), \
+            invalid events (`validation_failed`, every problem in `details`), a malformed \
+            Idempotency-Key, or no event", body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 403, description = "The token's role is read, or its types allow-list \
+            excludes an event's type", body = openapi::Error),
+        (status = 413, description = "Too many events or bytes for one request",
+            body = openapi::Error),
+        (status = 415, description = "Content-Type is missing or not JSON or NDJSON",
+            body = openapi::Error),
+        (status = 422, description = "The Idempotency-Key was used with another body",
+            body = openapi::Error),
+    )
+)]
 pub async fn append(
     State(state): State<AppState>,
     caller: Caller,
@@ -175,7 +222,7 @@ async fn append_timed(
         .map_err(|e| match e {
             AppendError::KeyReused => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
+                ErrorCode::IdempotencyKeyReused,
                 e.to_string(),
             ),
             AppendError::Unavailable(_) => ApiError::internal(e),

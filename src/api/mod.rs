@@ -5,6 +5,7 @@
 mod auth;
 mod error;
 mod ingest;
+mod openapi;
 mod ops;
 mod proofs;
 mod read;
@@ -15,9 +16,12 @@ mod websocket;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{get, post};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode};
 pub use stream::{StreamConfig, StreamSlots};
 
 use crate::auth::Tokens;
@@ -50,28 +54,45 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
+/// `{"data": …}`: the body of every JSON success of a `/v1` route (SPEC §2).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope<T> {
+    pub data: T,
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(ops::dashboard))
-        .route("/v1/events", post(ingest::append).get(read::query))
-        .route("/v1/events/stream", get(stream::stream))
-        .route("/v1/events/ws", get(websocket::events_ws))
-        .route("/v1/events/{id}", get(read::event_by_id))
-        .route("/v1/head", get(read::head))
-        .route("/v1/export", get(read::export))
-        .route("/v1/verify", get(read::verify))
-        .route("/v1/checkpoint", get(proofs::checkpoint))
-        .route("/v1/checkpoint/key", get(proofs::checkpoint_key))
-        .route("/v1/proof/inclusion", get(proofs::inclusion))
-        .route("/v1/proof/consistency", get(proofs::consistency))
-        .route("/v1/tokens", post(tokens::create).get(tokens::list))
-        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
-        .route("/healthz", get(ops::healthz))
-        .route("/metrics", get(ops::metrics))
+    let (routes, _document) = routes().split_for_parts();
+    routes
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Every route. `routes!` takes each handler's path and methods from its
+/// `#[utoipa::path]` and adds its operation to the OpenAPI document, so what is served
+/// and what `GET /v1/openapi.json` describes are this one list (see [`openapi`]). Add
+/// routes only this way: a plain `.route(...)` would be served undocumented.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(ops::dashboard))
+        .routes(routes!(ingest::append, read::query))
+        .routes(routes!(stream::stream))
+        .routes(routes!(websocket::events_ws))
+        .routes(routes!(read::event_by_id))
+        .routes(routes!(read::head))
+        .routes(routes!(read::export))
+        .routes(routes!(read::verify))
+        .routes(routes!(proofs::checkpoint))
+        .routes(routes!(proofs::checkpoint_key))
+        .routes(routes!(proofs::inclusion))
+        .routes(routes!(proofs::consistency))
+        .routes(routes!(tokens::create, tokens::list))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(openapi::openapi_json))
 }
 
 /// Logs each request at debug level. Tokens never reach the log: a `?token=` in the URI

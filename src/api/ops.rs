@@ -3,20 +3,55 @@
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::IntoResponse;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::read::head_json;
-use super::{ApiError, AppState};
+use super::read::{HeadJson, head_json};
+use super::{ApiError, AppState, ErrorCode};
 
-pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    axum::Json(json!({
-        "status": "ok",
-        "head": head_json(&state.store.head()),
-        "connections": state.streams.open(),
-    }))
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    status: HealthStatus,
+    head: HeadJson,
+    /// Open streams (SSE and WebSocket together).
+    connections: usize,
 }
 
-/// `GET /metrics`: Prometheus text, no token (SPEC §2).
+/// Always `ok` while the server answers.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Ok,
+}
+
+/// Liveness and the chain head
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The server is up", body = Health))
+)]
+pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
+    axum::Json(Health {
+        status: HealthStatus::Ok,
+        head: head_json(&state.store.head()),
+        connections: state.streams.open(),
+    })
+}
+
+/// Prometheus metrics
+///
+/// Prometheus text exposition format. No token needed.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text", body = String,
+            content_type = "text/plain; version=0.0.4; charset=utf-8")
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let body = crate::telemetry::render(
         &state.metrics,
@@ -33,8 +68,19 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// `GET /`: the dashboard, one self-contained page embedded in the binary (no token needed;
-/// the page asks for one and sends it only to `/v1` routes).
+/// The dashboard
+///
+/// One self-contained page embedded in the binary (no token needed; the page takes one
+/// from `?token=` or asks for it, and sends it only to `/v1` routes).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The dashboard page", body = String,
+            content_type = "text/html; charset=utf-8")
+    )
+)]
 pub async fn dashboard() -> impl IntoResponse {
     (
         [
@@ -53,7 +99,7 @@ pub async fn not_found(uri: Uri) -> ApiError {
 pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),
     )
 }

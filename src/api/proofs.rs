@@ -6,15 +6,32 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use super::openapi::{self, Hash};
 use super::read::decimal_param;
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Envelope};
 use crate::auth::{Caller, Role};
 use crate::merkle::{self, ProofError};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
+/// The newest signed checkpoint
+///
+/// A C2SP `tlog-checkpoint` (origin line, tree size, base64 root hash) as a C2SP
+/// `signed-note` with one Ed25519 signature line.
+#[utoipa::path(
+    get,
+    path = "/v1/checkpoint",
+    tag = "proofs",
+    security(("bearer" = []), ("query_token" = [])),
+    responses(
+        (status = 200, description = "The signed note", body = String,
+            content_type = "text/plain; charset=utf-8"),
+        (status = 401, description = "No valid token", body = openapi::Error),
+    )
+)]
 pub async fn checkpoint(
     State(state): State<AppState>,
     caller: Caller,
@@ -24,6 +41,20 @@ pub async fn checkpoint(
     Ok(([(header::CONTENT_TYPE, TEXT)], latest.note.clone()).into_response())
 }
 
+/// The checkpoint verifier key
+///
+/// In signed-note form, `name+keyid+base64`, and a newline.
+#[utoipa::path(
+    get,
+    path = "/v1/checkpoint/key",
+    tag = "proofs",
+    security(("bearer" = []), ("query_token" = [])),
+    responses(
+        (status = 200, description = "The verifier key", body = String,
+            content_type = "text/plain; charset=utf-8"),
+        (status = 401, description = "No valid token", body = openapi::Error),
+    )
+)]
 pub async fn checkpoint_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -33,13 +64,59 @@ pub async fn checkpoint_key(
     Ok(([(header::CONTENT_TYPE, TEXT)], key).into_response())
 }
 
-/// `?seq=N[&size=M]`: the proof that event N is leaf N − 1 of the tree of M leaves
-/// (default: the newest checkpoint's size).
+/// An RFC 6962 inclusion proof (SPEC §3).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InclusionProof {
+    /// `seq − 1`.
+    leaf_index: u64,
+    #[schema(minimum = 1)]
+    tree_size: u64,
+    /// The audit path, leaf to root (O(log n) hashes).
+    #[schema(value_type = Vec<Hash>)]
+    hashes: Vec<String>,
+}
+
+/// An RFC 6962 consistency proof (SPEC §3).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencyProof {
+    #[schema(minimum = 1)]
+    from: u64,
+    #[schema(minimum = 1)]
+    to: u64,
+    /// Empty when `from` = `to`.
+    #[schema(value_type = Vec<Hash>)]
+    hashes: Vec<String>,
+}
+
+/// Proof that an event is in the tree
+///
+/// The proof that event `seq` is leaf `seq − 1` of the tree of `size` leaves.
+#[utoipa::path(
+    get,
+    path = "/v1/proof/inclusion",
+    tag = "proofs",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("seq" = u64, Query, minimum = 1, description = "The event's seq, at most `size`"),
+        ("size" = Option<u64>, Query, minimum = 1,
+            description = "The tree size, at most the head seq (default: the newest checkpoint's)"),
+    ),
+    responses(
+        (status = 200, description = "The proof", body = Envelope<InclusionProof>),
+        (status = 400, description = "A missing, malformed or out-of-range parameter, named \
+            in `details`", body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 404, description = "The event is outside the token's types allow-list",
+            body = openapi::Error),
+    )
+)]
 pub async fn inclusion(
     State(state): State<AppState>,
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
+) -> Result<axum::Json<Envelope<InclusionProof>>, ApiError> {
     caller.require(Role::Read)?;
     let seq = required(&params, "seq")?;
     let head = state.store.head().seq;
@@ -78,20 +155,40 @@ pub async fn inclusion(
     })
     .await
     .map_err(ApiError::internal)??;
-    Ok(axum::Json(json!({"data": {
-        "leaf_index": seq - 1,
-        "tree_size": size,
-        "hashes": hashes.iter().map(|h| hex::encode(h.0)).collect::<Vec<_>>(),
-    }}))
-    .into_response())
+    Ok(axum::Json(Envelope {
+        data: InclusionProof {
+            leaf_index: seq - 1,
+            tree_size: size,
+            hashes: hashes.iter().map(|h| hex::encode(h.0)).collect(),
+        },
+    }))
 }
 
-/// `?from=M&to=N`: the proof that the tree of M leaves is a prefix of the tree of N.
+/// Proof that the log only grew
+///
+/// The proof that the tree of `from` leaves is a prefix of the tree of `to` leaves
+/// (1 ≤ from ≤ to ≤ head).
+#[utoipa::path(
+    get,
+    path = "/v1/proof/consistency",
+    tag = "proofs",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("from" = u64, Query, minimum = 1, description = "The older tree size, at most `to`"),
+        ("to" = u64, Query, minimum = 1, description = "The newer tree size, at most the head seq"),
+    ),
+    responses(
+        (status = 200, description = "The proof", body = Envelope<ConsistencyProof>),
+        (status = 400, description = "A missing, malformed or out-of-range parameter, named \
+            in `details`", body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+    )
+)]
 pub async fn consistency(
     State(state): State<AppState>,
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
+) -> Result<axum::Json<Envelope<ConsistencyProof>>, ApiError> {
     caller.require(Role::Read)?;
     let from = required(&params, "from")?;
     let to = required(&params, "to")?;
@@ -113,12 +210,13 @@ pub async fn consistency(
         .await
         .map_err(ApiError::internal)?
         .map_err(proof_error)?;
-    Ok(axum::Json(json!({"data": {
-        "from": from,
-        "to": to,
-        "hashes": hashes.iter().map(|h| hex::encode(h.0)).collect::<Vec<_>>(),
-    }}))
-    .into_response())
+    Ok(axum::Json(Envelope {
+        data: ConsistencyProof {
+            from,
+            to,
+            hashes: hashes.iter().map(|h| hex::encode(h.0)).collect(),
+        },
+    }))
 }
 
 /// A required decimal parameter.

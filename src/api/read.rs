@@ -5,13 +5,16 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use ulid::Ulid;
+use utoipa::ToSchema;
 
-use super::{ApiError, AppState};
+use super::openapi::{self, EventId, Hash, Timestamp, wire};
+use super::{ApiError, AppState, Envelope};
 use crate::auth::{Caller, Role};
 use crate::chain::Verifier;
 use crate::cursor::{self, Filter, TypeFilter};
@@ -24,11 +27,19 @@ const MAX_LIMIT: usize = 1000;
 /// Export bodies are sent in pieces of about this size.
 const EXPORT_PIECE_BYTES: usize = 64 * 1024;
 
-#[derive(Serialize)]
+/// The newest event of the log (or of a verified range). On an empty log `seq` is 0,
+/// `id` and `timestamp` are null and `hash` is 64 zeros, so the next event's `prev_hash`
+/// always equals the head's `hash`.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Head)]
 pub struct HeadJson {
     seq: u64,
+    #[schema(value_type = Option<EventId>)]
     id: Option<String>,
+    #[schema(value_type = Hash)]
     hash: String,
+    #[schema(value_type = Option<Timestamp>)]
     timestamp: Option<String>,
 }
 
@@ -122,12 +133,34 @@ pub fn decimal_param(
         .map_err(|_| ApiError::bad_param(name, "is too large"))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Order {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Order {
     Asc,
     Desc,
 }
 
+/// Query the log, a page at a time
+///
+/// Pages never skip or repeat an event, even while events are appended.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        openapi::SelectionParams,
+        ("limit" = Option<u16>, Query, minimum = 1, maximum = 1000,
+            description = "Events per page, 1–1000 (default 100)"),
+        ("order" = inline(Option<Order>), Query, description = "asc (default) or desc"),
+    ),
+    responses(
+        (status = 200, description = "A page of events", body = wire::EventPage),
+        (status = 400, description = "A malformed parameter, named in `details`",
+            body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+    )
+)]
 pub async fn query(
     State(state): State<AppState>,
     caller: Caller,
@@ -135,15 +168,15 @@ pub async fn query(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let selection = Selection::from_params(&params, &caller)?;
-    let limit = match params.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(s) => s
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_param("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))
-            })?,
+    let limit = match decimal_param(&params, "limit") {
+        Ok(None) => DEFAULT_LIMIT,
+        Ok(Some(n)) if (1..=MAX_LIMIT as u64).contains(&n) => n as usize,
+        _ => {
+            return Err(ApiError::bad_param(
+                "limit",
+                format!("must be an integer from 1 to {MAX_LIMIT}"),
+            ));
+        }
     };
     let order = match params.get("order").map(String::as_str) {
         None | Some("asc") => Order::Asc,
@@ -221,12 +254,30 @@ fn read_page(
     Ok(page)
 }
 
+/// One event by id
+#[utoipa::path(
+    get,
+    path = "/v1/events/{id}",
+    tag = "events",
+    security(("bearer" = []), ("query_token" = [])),
+    params(("id" = String, Path, description = "The event's id (a ULID)")),
+    responses(
+        (status = 200, description = "The event", body = wire::EventEnvelope),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 404, description = "No such event (also for a malformed id, and for an event \
+            outside the token's types allow-list)", body = openapi::Error),
+    )
+)]
 pub async fn event_by_id(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
+    // A path that does not decode (invalid UTF-8) is a malformed id: 404 like any other.
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::not_found("no such event"));
+    };
     let not_found = || ApiError::not_found(format!("no event with id {id}"));
     let Some(ulid) = cursor::parse_ulid(&id) else {
         return Err(not_found());
@@ -248,14 +299,47 @@ pub async fn event_by_id(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-pub async fn head(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+/// The newest event's seq, id, hash and timestamp
+#[utoipa::path(
+    get,
+    path = "/v1/head",
+    tag = "events",
+    security(("bearer" = []), ("query_token" = [])),
+    responses(
+        (status = 200, description = "The head", body = Envelope<HeadJson>),
+        (status = 401, description = "No valid token", body = openapi::Error),
+    )
+)]
+pub async fn head(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<Envelope<HeadJson>>, ApiError> {
     caller.require(Role::Read)?;
-    Ok(axum::Json(serde_json::json!({ "data": head_json(&state.store.head()) })).into_response())
+    Ok(axum::Json(Envelope {
+        data: head_json(&state.store.head()),
+    }))
 }
 
-/// NDJSON of every matching event, in log order, streamed in constant memory: a
-/// blocking reader fills pieces of ~64 KiB into a channel of 4, so at most a few pieces
-/// are in memory whatever the log's size.
+/// Export matching events as NDJSON
+///
+/// Every matching event, in log order, one JCS line each (the `Event` schema) ending in
+/// `\n`; no limit. Split on `\n` only: JCS leaves U+2028 and U+2029 unescaped.
+#[utoipa::path(
+    get,
+    path = "/v1/export",
+    tag = "events",
+    security(("bearer" = []), ("query_token" = [])),
+    params(openapi::SelectionParams),
+    responses(
+        (status = 200, description = "One event per line", body = String,
+            content_type = "application/x-ndjson"),
+        (status = 400, description = "A malformed parameter, named in `details`",
+            body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+    )
+)]
+// Streamed in constant memory: a blocking reader fills pieces of ~64 KiB into a channel
+// of 4, so at most a few pieces are in memory whatever the log's size.
 pub async fn export(
     State(state): State<AppState>,
     caller: Caller,
@@ -310,26 +394,64 @@ pub async fn export(
         .into_response())
 }
 
-#[derive(Serialize)]
+/// The outcome of a server-side chain check: `ok` tells which form it has.
+#[derive(Serialize, ToSchema)]
 #[serde(untagged)]
-enum VerifyResult {
-    Ok {
-        ok: bool,
-        checked: u64,
-        head: HeadJson,
-    },
-    Broken {
-        ok: bool,
-        first_bad_seq: u64,
-        reason: String,
-    },
+pub enum VerifyResult {
+    Ok(VerifyOk),
+    Broken(VerifyBroken),
 }
 
+/// Every event in the range chains.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyOk {
+    #[schema(value_type = openapi::True)]
+    ok: bool,
+    /// Events checked.
+    checked: u64,
+    /// The last event checked (the empty head when none was).
+    head: HeadJson,
+}
+
+/// The first event in the range that does not chain.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBroken {
+    #[schema(value_type = openapi::False)]
+    ok: bool,
+    /// The first seq whose event does not chain.
+    #[schema(minimum = 1)]
+    first_bad_seq: u64,
+    reason: String,
+}
+
+/// Re-derive the hash chain on the server
+#[utoipa::path(
+    get,
+    path = "/v1/verify",
+    tag = "events",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("from_seq" = Option<u64>, Query, minimum = 1,
+            description = "First seq to check (inclusive; default 1), at most the head seq"),
+        ("to_seq" = Option<u64>, Query, minimum = 1,
+            description = "Last seq to check (inclusive; default the head seq), at most the head seq"),
+    ),
+    responses(
+        (status = 200, description = "The result", body = Envelope<VerifyResult>),
+        (status = 400, description = "A malformed or out-of-range parameter, named in `details`",
+            body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 403, description = "The token has a types allow-list (verify reads every \
+            event; use inclusion proofs)", body = openapi::Error),
+    )
+)]
 pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
+) -> Result<axum::Json<Envelope<VerifyResult>>, ApiError> {
     caller.require(Role::Read)?;
     if caller.allowed_types.is_some() {
         return Err(ApiError::forbidden(
@@ -359,7 +481,7 @@ pub async fn verify(
     let result = tokio::task::spawn_blocking(move || verify_range(&store, from_seq, to_seq))
         .await
         .map_err(ApiError::internal)??;
-    Ok(axum::Json(serde_json::json!({ "data": result })).into_response())
+    Ok(axum::Json(Envelope { data: result }))
 }
 
 fn verify_range(store: &Store, from_seq: u64, to_seq: u64) -> Result<VerifyResult, ApiError> {
@@ -388,28 +510,28 @@ fn verify_range(store: &Store, from_seq: u64, to_seq: u64) -> Result<VerifyResul
             Ok(info) => verifier.push_info(&info).err().map(|b| (b.seq, b.reason)),
         };
         if let Some((first_bad_seq, reason)) = broken {
-            return Ok(VerifyResult::Broken {
+            return Ok(VerifyResult::Broken(VerifyBroken {
                 ok: false,
                 first_bad_seq,
                 reason,
-            });
+            }));
         }
         last_event = Some(event);
     }
     if verifier.checked() < to_seq.saturating_sub(from_seq) + u64::from(to_seq > 0) {
-        return Ok(VerifyResult::Broken {
+        return Ok(VerifyResult::Broken(VerifyBroken {
             ok: false,
             first_bad_seq: verifier.last().map_or(from_seq, |(s, _)| s + 1),
             reason: "events are missing from the log".into(),
-        });
+        }));
     }
     let head = match &last_event {
         Some(e) => Head::of(e).map_err(ApiError::internal)?,
         None => Head::EMPTY,
     };
-    Ok(VerifyResult::Ok {
+    Ok(VerifyResult::Ok(VerifyOk {
         ok: true,
         checked: verifier.checked(),
         head: head_json(&head),
-    })
+    }))
 }

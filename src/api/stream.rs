@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use ulid::Ulid;
 
+use super::openapi;
 use super::read::{Selection, head_json};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ErrorCode};
 use crate::auth::{Caller, Role};
 use crate::cursor::{self, ZERO};
 use crate::event::Event;
@@ -89,7 +90,7 @@ pub struct StreamConfig {
 pub(super) fn too_many() -> Response {
     let mut response = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "too_many_connections",
+        ErrorCode::TooManyConnections,
         "the server has reached --max-connections open streams; retry later",
     )
     .into_response();
@@ -132,6 +133,35 @@ pub(super) fn start_cursor(
     Ok(head_id.unwrap_or(ZERO))
 }
 
+/// Stream events as Server-Sent Events
+///
+/// Frames: first `retry: 2000`, `id: <start cursor>`, `event: connected`,
+/// `data: {"type":"connected","cursor":…,"head":{…}}`; then for each event `id: <id>`,
+/// `event: <type>`, `data: <the event, one JCS line>`; and after `--heartbeat` seconds of
+/// silence a `: heartbeat` comment (or, on a filtered stream, an `id:`-only frame with
+/// the newest id scanned). Every matching event after the start cursor is delivered
+/// exactly once, in log order; resume with `Last-Event-ID`.
+#[utoipa::path(
+    get,
+    path = "/v1/events/stream",
+    tag = "streams",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        openapi::StreamParams,
+        ("Last-Event-ID" = Option<String>, Header, nullable = false,
+            description = "The last id received (a ULID); wins over `since` when not empty"),
+    ),
+    responses(
+        (status = 200, description = "The stream, endless (Cache-Control: no-cache, \
+            X-Accel-Buffering: no)", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "A malformed parameter or Last-Event-ID, named in \
+            `details`, or `until` (not supported on streams)", body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 503, description = "`--max-connections` streams are open",
+            body = openapi::Error,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    )
+)]
 pub async fn stream(
     State(state): State<AppState>,
     caller: Caller,

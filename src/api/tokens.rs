@@ -1,32 +1,62 @@
 //! `/v1/tokens` (role `admin`): create, list and revoke tokens. The secret appears only in
 //! the response to its creation.
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
-use super::{ApiError, AppState};
+use super::ingest::read_body;
+use super::openapi::{self, Timestamp, wire};
+use super::{ApiError, AppState, Envelope};
 use crate::auth::{Caller, Role, TokenRecord, validate_new_token};
 use crate::event::Problem;
 
-#[derive(Serialize)]
-struct TokenJson<'a> {
+/// A token creation body is a few hundred bytes; this leaves room for long allow-lists.
+const MAX_TOKEN_BODY_BYTES: usize = 64 * 1024;
+
+/// A token as listed: never its secret.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Token)]
+pub struct TokenJson<'a> {
+    /// Names the token (the middle part of the secret).
+    #[schema(pattern = "^[0-9a-f]{16}$")]
     id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<&'a str>,
     name: &'a str,
     role: Role,
+    /// The types allow-list; null for none.
+    #[schema(required = true)]
     types: &'a Option<Vec<String>>,
+    #[schema(value_type = Timestamp)]
     created_at: &'a str,
 }
 
-fn token_json<'a>(record: &'a TokenRecord, secret: Option<&'a str>) -> TokenJson<'a> {
+/// A token just created: the one response that holds its secret.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = CreatedToken)]
+pub struct CreatedTokenJson<'a> {
+    #[schema(pattern = "^[0-9a-f]{16}$")]
+    id: &'a str,
+    /// The secret, shown only here: `cairn_<id>_<48 hex digits>`.
+    #[schema(pattern = "^cairn_[0-9a-f]{16}_[0-9a-f]{48}$")]
+    token: &'a str,
+    name: &'a str,
+    role: Role,
+    /// The types allow-list; null for none.
+    #[schema(required = true)]
+    types: &'a Option<Vec<String>>,
+    #[schema(value_type = Timestamp)]
+    created_at: &'a str,
+}
+
+fn token_json(record: &TokenRecord) -> TokenJson<'_> {
     TokenJson {
         id: &record.id,
-        token: secret,
         name: &record.name,
         role: record.role,
         types: &record.types,
@@ -104,12 +134,31 @@ fn parse_new_token(body: &[u8]) -> Result<(Role, String, Option<Vec<String>>), A
     }
 }
 
+/// Create a token
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    tag = "tokens",
+    security(("bearer" = []), ("query_token" = [])),
+    request_body(content = wire::NewToken, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created; the secret is shown only here",
+            body = Envelope<CreatedTokenJson>),
+        (status = 400, description = "Not a JSON object (`bad_request`), or invalid members \
+            (`validation_failed`, every problem in `details`)", body = openapi::Error),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 403, description = "The token's role is not admin", body = openapi::Error),
+        (status = 413, description = "The body exceeds 64 KiB", body = openapi::Error),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    request: Request,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
+    let (parts, body) = request.into_parts();
+    let body = read_body(body, &parts.headers, MAX_TOKEN_BODY_BYTES).await?;
     let (role, name, types) = parse_new_token(&body)?;
     let tokens = state.tokens.clone();
     let (record, secret) = tokio::task::spawn_blocking(move || tokens.create(role, &name, types))
@@ -117,23 +166,63 @@ pub async fn create(
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
     tracing::info!(id = %record.id, role = record.role.as_str(), "token created");
-    let body = serde_json::json!({ "data": token_json(&record, Some(&secret)) });
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+    let created = CreatedTokenJson {
+        id: &record.id,
+        token: &secret,
+        name: &record.name,
+        role: record.role,
+        types: &record.types,
+        created_at: &record.created_at,
+    };
+    Ok((StatusCode::CREATED, axum::Json(Envelope { data: created })).into_response())
 }
 
+/// List tokens (never their secrets)
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    tag = "tokens",
+    security(("bearer" = []), ("query_token" = [])),
+    responses(
+        (status = 200, description = "Every token", body = Envelope<Vec<TokenJson>>),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 403, description = "The token's role is not admin", body = openapi::Error),
+    )
+)]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let records = state.tokens.list();
-    let data: Vec<TokenJson<'_>> = records.iter().map(|r| token_json(r, None)).collect();
-    Ok(axum::Json(serde_json::json!({ "data": data })).into_response())
+    let data: Vec<TokenJson<'_>> = records.iter().map(token_json).collect();
+    Ok(axum::Json(Envelope { data }).into_response())
 }
 
+/// Revoke a token
+///
+/// Immediate: the next request with it gets 401 and its open streams close within a
+/// second.
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    tag = "tokens",
+    security(("bearer" = []), ("query_token" = [])),
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 403, description = "The token's role is not admin", body = openapi::Error),
+        (status = 404, description = "No such token", body = openapi::Error),
+    )
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
+    // A path that does not decode (invalid UTF-8) names no token.
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::not_found("no such token"));
+    };
     let tokens = state.tokens.clone();
     let target = id.clone();
     let existed = tokio::task::spawn_blocking(move || tokens.revoke(&target))

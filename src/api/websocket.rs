@@ -36,9 +36,10 @@ use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior};
 use ulid::Ulid;
 
+use super::openapi;
 use super::read::{Selection, head_json};
 use super::stream::{SlotGuard, StreamConfig, start_cursor, stream_selection, too_many};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ErrorCode};
 use crate::auth::{Caller, Role};
 use crate::cursor::{self, Filter, TypeFilter};
 use crate::event::Event;
@@ -69,6 +70,45 @@ mod close {
     pub const TOO_BIG: u16 = 1009;
 }
 
+/// Stream events over a WebSocket
+///
+/// After the handshake the server sends `{"type":"connected","cursor":…,"head":{…}}`,
+/// then one text message per event (the event, one JCS line). The client may send
+/// `{"action":"subscribe","event_types":[…],"since":"…"}` at any time to replace the
+/// filter and, with `since`, the position; the server answers with a new `connected`.
+/// Errors the client can fix are messages (`{"type":"error",…}` and the `Error` members).
+/// Close codes: 4003 bad or missing token or revoked, 4000 malformed query string, 1001
+/// server shutting down, 1009 message too large, 1007 message not UTF-8.
+#[utoipa::path(
+    get,
+    path = "/v1/events/ws",
+    tag = "streams",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        openapi::StreamParams,
+        ("Last-Event-ID" = Option<String>, Header, nullable = false,
+            description = "The last id received (a ULID); wins over `since` when not empty"),
+        ("Connection" = String, Header, description = "Must include `upgrade`"),
+        ("Upgrade" = String, Header, description = "Must include `websocket`"),
+        ("Sec-WebSocket-Version" = String, Header, description = "Must be `13`"),
+        ("Sec-WebSocket-Key" = String, Header, description = "The handshake nonce (RFC 6455)"),
+    ),
+    responses(
+        (status = 101, description = "Switching protocols. A bad or missing token closes \
+            the socket with 4003, a malformed query string or Last-Event-ID with 4000."),
+        (status = 400, description = "Not a WebSocket handshake (`websocket_required`)",
+            body = openapi::Error),
+        (status = 401, description = "Not a WebSocket handshake, and no valid token",
+            body = openapi::Error),
+        (status = 405, description = "HEAD: the handshake is a GET", body = openapi::Error,
+            headers(("Allow" = String, description = "GET"))),
+        (status = 426, description = "The connection cannot be upgraded (HTTP/1.0)",
+            body = openapi::Error),
+        (status = 503, description = "`--max-connections` streams are open",
+            body = openapi::Error,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    )
+)]
 pub async fn events_ws(
     State(state): State<AppState>,
     caller: Result<Caller, ApiError>,
@@ -90,7 +130,7 @@ pub async fn events_ws(
                 Ok(_) if matches!(rejection, WebSocketUpgradeRejection::MethodNotGet(_)) => {
                     let mut response = ApiError::new(
                         StatusCode::METHOD_NOT_ALLOWED,
-                        "method_not_allowed",
+                        ErrorCode::MethodNotAllowed,
                         "the WebSocket handshake is a GET",
                     )
                     .into_response();
@@ -101,7 +141,7 @@ pub async fn events_ws(
                 }
                 Ok(_) => ApiError::new(
                     rejection.status(),
-                    "websocket_required",
+                    ErrorCode::WebsocketRequired,
                     format!(
                         "this route speaks WebSocket only: {}",
                         rejection.body_text()
