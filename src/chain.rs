@@ -16,10 +16,22 @@
 //! `,"hash":"` in the line: after it only `id`, `prev_hash`, `seq`, `source`, `timestamp`
 //! and `type` follow, and none of them can contain an unescaped quote. Tests check the
 //! assembled line against a full JCS serialization of the event.
+//!
+//! An export file may also hold events re-serialized by other tools (SPEC §4). A line
+//! whose hash does not match its own bytes is therefore parsed and canonicalized before
+//! it is judged ([`inspect_any_form`]), which is what SPEC §1's auditor does for every line.
+//! A line that does match its own bytes is taken as served without being canonicalized
+//! (that would cost 4× the time). The auditor would refuse such a line if its bytes were
+//! not canonical, but only a forger hashing non-canonical bytes writes one, and no such
+//! line can match a hash the server issued: pinning the head (`--expect-head`) refuses
+//! it as it refuses every forged chain.
 
 use serde::Deserialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use ulid::Ulid;
+
+use crate::{event, ijson};
 
 /// `prev_hash` of the first event, and the head hash of an empty log.
 pub const ZERO_HASH: [u8; 32] = [0; 32];
@@ -184,6 +196,95 @@ pub fn inspect_line(line: &[u8]) -> Result<LineInfo, String> {
     })
 }
 
+/// How a line of an export file was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineForm {
+    /// Byte for byte what the server serves: checked on the bytes alone.
+    Served,
+    /// Another JSON form of an event (re-formatted by `jq`, Python's `json.dumps`, …):
+    /// checked after parsing and canonicalizing.
+    Reserialized,
+}
+
+/// Inspects a line in any JSON form (SPEC §4), with the outcome of SPEC §1's auditor:
+/// parse the line, drop `hash`, hash the JCS form of the rest. A line in the served form
+/// takes the byte-level path ([`inspect_line`]); only a line whose hash does not match its
+/// own bytes is parsed (strict I-JSON, see `ijson`) and canonicalized (`event::jcs`).
+pub fn inspect_any_form(line: &[u8]) -> Result<(LineInfo, LineForm), String> {
+    if let Ok(info) = inspect_line(line)
+        && info.computed_hash == info.stated_hash
+    {
+        return Ok((info, LineForm::Served));
+    }
+    inspect_parsed(line).map(|info| (info, LineForm::Reserialized))
+}
+
+/// Some Windows tools start a UTF-8 file with a byte order mark; Python's `json.loads`
+/// skips it, so the auditor does too.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The slow path of [`inspect_any_form`]: what SPEC §1's auditor computes. A line that
+/// breaks I-JSON (a duplicate member, an integer beyond ±(2^53−1), …) is refused: no
+/// cairn event holds one, and JSON tools disagree on what such a line says.
+fn inspect_parsed(line: &[u8]) -> Result<LineInfo, String> {
+    let line = line.strip_prefix(UTF8_BOM).unwrap_or(line);
+    let parsed = ijson::parse(line).map_err(|e| {
+        format!(
+            "not a cairn event: invalid JSON at column {}: {}",
+            e.column, e.message
+        )
+    })?;
+    if let Some(v) = parsed.violations.first() {
+        return Err(format!(
+            "not a cairn event: {}: {}",
+            ijson::render_path(&v.path),
+            v.message
+        ));
+    }
+    let Value::Object(mut event) = parsed.value else {
+        return Err("not a cairn event: not a JSON object".into());
+    };
+    let stated_hash = match event.remove("hash") {
+        Some(Value::String(h)) => parse_hash(&h),
+        _ => None,
+    }
+    .ok_or("hash is missing or not 64 lowercase hex digits")?;
+    let prev_hash = event
+        .get("prev_hash")
+        .and_then(Value::as_str)
+        .and_then(parse_hash)
+        .ok_or("prev_hash is missing or not 64 lowercase hex digits")?;
+    let id = event
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(|id| Ulid::from_string(id).ok())
+        .ok_or("id is missing or not a ULID")?;
+    let seq = event
+        .get("seq")
+        .and_then(Value::as_number)
+        .and_then(integral)
+        .ok_or("seq is missing or not a non-negative integer")?;
+    let record = event::jcs(&Value::Object(event));
+    Ok(LineInfo {
+        seq,
+        id,
+        prev_hash,
+        stated_hash,
+        computed_hash: leaf_hash(&[record.as_bytes()]),
+    })
+}
+
+/// A number's value as a `u64` when it is a non-negative integer however it is written
+/// (`7`, `7.0`, `7e0`): the auditor compares `seq` by value, and JCS writes all three as
+/// `7`, so all three hash alike.
+fn integral(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=ijson::MAX_SAFE_INTEGER as f64).contains(f))
+            .map(|f| f as u64)
+    })
+}
+
 /// The first place a chain is broken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("chain broken at seq {seq}: {reason}")]
@@ -293,5 +394,70 @@ impl Verifier {
         self.last = Some((info.seq, info.id, info.stated_hash));
         self.checked += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(data_jcs: &str) -> (String, [u8; 32]) {
+        seal(&RecordParts {
+            data_jcs,
+            id: Ulid::from_parts(1_700_000_000_000, 7),
+            prev_hash: &ZERO_HASH,
+            seq: 1,
+            source_jcs: Some("\"gw\""),
+            timestamp: "2026-03-19T10:00:00.250Z",
+            event_type: "tool_call",
+        })
+    }
+
+    fn inspect(line: &str) -> Result<(LineInfo, LineForm), String> {
+        inspect_any_form(line.as_bytes())
+    }
+
+    #[test]
+    fn any_form_hashes_the_canonical_record() {
+        let (served, hash) = sealed("{\"a\":[1e+21,0.1],\"s\":\"é\u{2028}\"}");
+        let (info, form) = inspect(&served).expect("served");
+        assert_eq!((form, info.computed_hash), (LineForm::Served, hash));
+
+        // The same event as Python's json.dumps writes it, with seq as 1.0 and a BOM.
+        let value: Value = serde_json::from_str(&served).expect("JSON");
+        let other = format!("\u{feff}{}", serde_json::to_string_pretty(&value).unwrap())
+            .replace('\n', " ")
+            .replace("\"seq\": 1", "\"seq\": 1.0")
+            .replace('é', "\\u00e9")
+            .replace('\u{2028}', "\\u2028");
+        let (info, form) = inspect(&other).expect("re-serialized");
+        assert_eq!(form, LineForm::Reserialized);
+        assert_eq!(
+            (info.seq, info.computed_hash, info.stated_hash),
+            (1, hash, hash)
+        );
+
+        // A changed value no longer hashes alike; a duplicate member is refused.
+        let (info, _) = inspect(&other.replace("0.1", "0.10001")).expect("parses");
+        assert_ne!(info.computed_hash, info.stated_hash);
+        let duplicate = other.replacen("\"type\"", "\"type\": \"x\", \"type\"", 1);
+        assert!(
+            inspect(&duplicate)
+                .unwrap_err()
+                .contains("duplicate member")
+        );
+        assert!(inspect(&other.replace("\"seq\": 1.0", "\"seq\": 1.5")).is_err());
+
+        // Documented: a line whose non-canonical bytes were hashed as they are (only a
+        // forger writes one) is taken as served; the auditor would refuse it.
+        let (forged, forged_hash) = sealed(r#"{"b":1, "a":2}"#);
+        let (info, form) = inspect(&forged).expect("forged");
+        assert_eq!((form, info.computed_hash), (LineForm::Served, forged_hash));
+        assert_ne!(
+            inspect_parsed(forged.as_bytes())
+                .expect("parses")
+                .computed_hash,
+            forged_hash
+        );
     }
 }

@@ -215,7 +215,8 @@ pub struct EventsArgs {
 // then --data win over --url.
 #[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["file", "url", "data", "proof"])))]
 pub struct VerifyArgs {
-    /// An NDJSON export ("-" for stdin).
+    /// An NDJSON export ("-" for stdin); lines may be in any JSON form of the events
+    /// (re-formatted by jq, Python's json.dumps, …).
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// A running server (reads its export).

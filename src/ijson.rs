@@ -83,11 +83,7 @@ pub fn parse(input: &[u8]) -> Result<Parsed, SyntaxError> {
     }
     .deserialize(&mut de)
     .and_then(|v| de.end().map(|()| v))
-    .map_err(|e| SyntaxError {
-        line: e.line(),
-        column: e.column(),
-        message: strip_position(&e.to_string()),
-    })?;
+    .map_err(|e| syntax_error(input, &e))?;
 
     let mut violations = state.violations.into_inner();
     let ambiguous = state.ambiguous.into_inner();
@@ -95,6 +91,62 @@ pub fn parse(input: &[u8]) -> Result<Parsed, SyntaxError> {
         violations.extend(integer_literals_among(input, ambiguous));
     }
     Ok(Parsed { value, violations })
+}
+
+/// A serde_json error on `input`, placed on the byte that caused it (see [`error_position`]).
+pub fn syntax_error(input: &[u8], e: &serde_json::Error) -> SyntaxError {
+    let (line, column) = error_position(input, e);
+    SyntaxError {
+        line,
+        column,
+        message: strip_position(&e.to_string()),
+    }
+}
+
+/// 1-based line and column (counted in bytes) of the byte that made `input` invalid.
+///
+/// serde_json reports where it stands after reading that byte; when the byte is a newline
+/// (`tru` at the end of a line), that is column 0 of the *next* line. Here a newline is
+/// placed at the end of the line it ends (column = line length + 1); a trailing comma,
+/// noticed only at the `}` or `]` after it, at the comma; and an input that ends too early
+/// right after its last non-whitespace byte, where something is missing. Runs only on
+/// errors.
+fn error_position(input: &[u8], e: &serde_json::Error) -> (usize, usize) {
+    let offset = if e.classify() == serde_json::error::Category::Eof {
+        last_non_whitespace(input).map_or(0, |last| last + 1)
+    } else {
+        let line_start = match e.line() {
+            0 | 1 => 0,
+            line => match memchr::memchr_iter(b'\n', input).nth(line - 2) {
+                Some(newline) => newline + 1,
+                None => return (e.line(), e.column()),
+            },
+        };
+        // Column 0 (nothing read on this line) steps back onto the newline before it.
+        let offset = (line_start + e.column()).saturating_sub(1);
+        match (input.get(offset), last_non_whitespace(&input[..offset])) {
+            (Some(b'}' | b']'), Some(before)) if input[before] == b',' => before,
+            _ => offset,
+        }
+    };
+    line_and_column(input, offset)
+}
+
+/// Offset of the last byte of `input` that is not JSON whitespace.
+fn last_non_whitespace(input: &[u8]) -> Option<usize> {
+    input
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// 1-based line and byte column of `offset` in `input` (`input.len()` is the end).
+fn line_and_column(input: &[u8], offset: usize) -> (usize, usize) {
+    let before = &input[..offset.min(input.len())];
+    let line_start = memchr::memrchr(b'\n', before).map_or(0, |newline| newline + 1);
+    (
+        1 + memchr::memchr_iter(b'\n', before).count(),
+        before.len() - line_start + 1,
+    )
 }
 
 /// serde_json appends " at line L column C"; we report those separately.
@@ -354,11 +406,36 @@ mod tests {
     #[test]
     fn syntax_errors_carry_position() {
         let e = parse(b"{\n  \"a\": tru }").unwrap_err();
-        assert_eq!(e.line, 2);
-        assert!(e.column > 0);
+        assert_eq!((e.line, e.column), (2, 11), "the space after tru");
         assert!(parse(br#""\ud800""#).is_err(), "lone surrogate");
         assert!(parse(b"\"\xff\"").is_err(), "invalid UTF-8");
         let deep = "[".repeat(100_000) + &"]".repeat(100_000);
         assert!(parse(deep.as_bytes()).is_err(), "nesting limit");
+    }
+
+    /// The position names the byte that is wrong, on the line that holds it.
+    #[test]
+    fn syntax_error_positions_name_the_offending_byte() {
+        let at = |input: &str| {
+            let e = parse(input.as_bytes()).unwrap_err();
+            (e.line, e.column)
+        };
+        // serde_json says line 3, column 0: it had read the newline after `tru`. Columns
+        // count bytes.
+        assert_eq!(at("{\n  \"a\": tru\n}"), (2, 11));
+        assert_eq!(at("{\n  \"a\": tru\r\n}"), (2, 11), "CRLF");
+        assert_eq!(at("{\"a\":1,\n}"), (1, 7), "the trailing comma");
+        assert_eq!(at("[1,\n\n ]"), (1, 3), "the trailing comma");
+        assert_eq!(
+            at("{\"a\":1\n\"b\":2}"),
+            (2, 1),
+            "where the comma is missing"
+        );
+        assert_eq!(at("{\"a\":\"x\n\"}"), (1, 8), "a newline inside a string");
+        assert_eq!(at("{\"a\":\"\\q\"}"), (1, 8), "the escaped character");
+        assert_eq!(at("{\"a\":\"x\",\n\"é\":1"), (2, 7), "after the last byte");
+        assert_eq!(at("{\"a\":1\n\n  \n"), (1, 7), "trailing blank lines");
+        assert_eq!(at(""), (1, 1));
+        assert_eq!(at("{\"a\":1} x"), (1, 9), "trailing characters");
     }
 }

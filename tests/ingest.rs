@@ -822,6 +822,120 @@ fn json_syntax_errors_name_line_and_column() {
     assert_eq!(log_len(&s), 0);
 }
 
+/// SPEC §5: a syntax error names the line that holds it, not the next one. serde_json
+/// reports the position after the byte that revealed the error, so an error revealed by a
+/// line break used to be put at column 0 of the following line. Columns count bytes.
+#[test]
+fn syntax_errors_name_the_line_that_holds_them() {
+    let s = Server::start(&[]);
+    let (status, body) = s.post_json(&json!({"events": [{"type": "a"}, {"type": "b"}]}));
+    assert_eq!(status, 201, "{body}");
+    let head = s.head();
+
+    for (what, raw, position) in [
+        (
+            "a literal cut short before a line break",
+            "{\n  \"type\": \"a\",\n  \"data\": {\n    \"x\": tru\n  }\n}",
+            "line 4, column 13",
+        ),
+        (
+            "a missing comma between members on separate lines",
+            "{\n  \"type\": \"a\"\n  \"data\": {}\n}",
+            "line 3, column 3",
+        ),
+        (
+            "a string not closed before the line break",
+            "{\n  \"type\": \"a\",\n  \"source\": \"gw-1\n}",
+            "line 3, column 18",
+        ),
+        (
+            "a string not closed before the end",
+            "{\"type\": \"a\",\n\"source\": \"gw-1",
+            "line 2, column 16",
+        ),
+        (
+            "a trailing comma before the } on the next line",
+            "{\n  \"type\": \"a\",\n  \"data\": {\"x\": 1},\n}",
+            "line 3, column 19",
+        ),
+        (
+            "an invalid escape",
+            "{\n  \"type\": \"a\",\n  \"data\": {\"s\": \"C:\\qux\"}\n}",
+            "line 3, column 21",
+        ),
+        (
+            "an error on the first line",
+            "{\"type\": nul,\n \"data\": {}}",
+            "line 1, column 13",
+        ),
+        (
+            "an error on the last line, without a final newline",
+            "{\n  \"type\": \"a\",\n  \"data\": [1 2]}",
+            "line 3, column 14",
+        ),
+        (
+            "a batch that ends early, before trailing blank lines",
+            "{\"events\": [\n  {\"type\": \"a\"},\n  {\"type\": \"b\"}\n\n  \n",
+            "line 3, column 16",
+        ),
+    ] {
+        let (status, body) = post_raw(&s, raw.to_string());
+        assert_eq!(status, 400, "{what}: {body}");
+        let error = body["error"].as_str().unwrap_or("");
+        assert!(
+            error.starts_with(&format!("invalid JSON at {position}: ")),
+            "{what}: expected {position}: {body}"
+        );
+    }
+
+    // NDJSON: the body's line number, and the column within that line. Line 2 is blank.
+    let ndjson = "{\"type\":\"a\"}\n\n{\"type\": \"c\", \"data\": {\"x\": tru}}\n{\"type\":\"d\"";
+    let (status, body) = post_ndjson(&s, ndjson);
+    assert_eq!(status, 400, "{body}");
+    let messages: Vec<(Value, String)> = details(&body)
+        .iter()
+        .map(|d| {
+            (
+                d["index"].clone(),
+                d["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(messages.len(), 2, "{body}");
+    assert_eq!(messages[0].0, 1, "{body}");
+    assert!(
+        messages[0]
+            .1
+            .starts_with("line 3: invalid JSON at column 32: "),
+        "{body}"
+    );
+    assert_eq!(messages[1].0, 2, "{body}");
+    assert!(
+        messages[1]
+            .1
+            .starts_with("line 4: invalid JSON at column 12: "),
+        "{body}"
+    );
+
+    // Token bodies are placed the same way.
+    let (status, body) = s.post(
+        "/v1/tokens",
+        "application/json",
+        "{\n  \"role\": \"read\",\n  \"name\": tru\n}",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("invalid JSON at line 3, column 14: "),
+        "{body}"
+    );
+
+    assert_eq!(s.head(), head, "the log is unchanged");
+    assert_eq!(head["seq"], 2);
+}
+
 // ---------------------------------------------------------------------------------
 // Atomicity, limits, content types
 // ---------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ fn problem(field: &str, message: impl Into<String>) -> Problem {
 /// `{"role", "name", "types"}`, every problem listed.
 fn parse_new_token(body: &[u8]) -> Result<(Role, String, Option<Vec<String>>), ApiError> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+        .map_err(|e| ApiError::bad_request(crate::ijson::syntax_error(body, &e).to_string()))?;
     let Value::Object(mut object) = value else {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     };

@@ -1,11 +1,13 @@
 //! `cairn verify`: re-derive the chain from an export file, a server's export, or a
 //! stopped server's data directory, with the same `chain::Verifier` the server uses.
+//! Export lines may be in any JSON form (`chain::inspect_any_form`); a note on stderr
+//! says how many were not in the served form.
 
 use std::io::BufRead;
 use std::process::ExitCode;
 
 use super::Progress;
-use crate::chain::{ChainBreak, Verifier, inspect_line};
+use crate::chain::{ChainBreak, LineForm, Verifier, inspect_any_form};
 use crate::cli::VerifyArgs;
 use crate::client::Client;
 use crate::store::{DataDir, Store};
@@ -37,15 +39,22 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
         .transpose()?;
     let mut progress = Progress::new();
 
+    let mut reserialized = 0;
     let outcome = if let Some(path) = &args.file {
         if path.as_os_str() == "-" {
-            verify_lines(std::io::stdin().lock(), &mut verifier, &mut progress)?
+            verify_lines(
+                std::io::stdin().lock(),
+                &mut verifier,
+                &mut reserialized,
+                &mut progress,
+            )?
         } else {
             let file = std::fs::File::open(path)
                 .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
             verify_lines(
                 std::io::BufReader::with_capacity(1 << 20, file),
                 &mut verifier,
+                &mut reserialized,
                 &mut progress,
             )?
         }
@@ -59,12 +68,20 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
         verify_lines(
             std::io::BufReader::with_capacity(1 << 20, response),
             &mut verifier,
+            &mut reserialized,
             &mut progress,
         )?
     } else {
         return Err("give --file, --url or --data".into());
     };
     progress.finish();
+    if reserialized > 0 {
+        eprintln!(
+            "cairn: note: {reserialized} of {} lines were not in the served form \
+             (re-serialized JSON); verified them after canonicalizing",
+            verifier.checked()
+        );
+    }
 
     if let Err(b) = outcome {
         eprintln!("cairn: verification FAILED: {b}");
@@ -101,9 +118,11 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
 
 /// Lines are read in blocks; each block's lines are parsed and hashed in parallel, then
 /// linked in order. Lines split on `\n` only (JCS leaves U+2028/U+2029 raw in strings).
+/// `reserialized` counts the verified lines that were not in the served form.
 fn verify_lines(
     mut reader: impl BufRead,
     verifier: &mut Verifier,
+    reserialized: &mut u64,
     progress: &mut Progress,
 ) -> Result<Result<(), ChainBreak>, String> {
     use rayon::prelude::*;
@@ -123,10 +142,17 @@ fn verify_lines(
         let body = block.strip_suffix(b"\n").unwrap_or(&block);
         if !block.is_empty() {
             let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
-            let inspected: Vec<_> = lines.par_iter().map(|line| inspect_line(line)).collect();
+            let inspected: Vec<_> = lines
+                .par_iter()
+                .map(|line| inspect_any_form(line))
+                .collect();
             for result in inspected {
-                if let Err(b) = verifier.push_inspected(result) {
+                let form = result.as_ref().ok().map(|(_, form)| *form);
+                if let Err(b) = verifier.push_inspected(result.map(|(info, _)| info)) {
                     return Ok(Err(b));
+                }
+                if form == Some(LineForm::Reserialized) {
+                    *reserialized += 1;
                 }
             }
             progress.tick(|| format!("verified {} events", verifier.checked()));
