@@ -4,14 +4,15 @@
 # The vendored files are never edited by hand: tests/vectors.rs checks every one of them
 # against SHA256SUMS, so a hand edit (or a lost file) fails the tests.
 #
-#   tests/vectors/update.sh [SOURCE]      # SOURCE defaults to ../shared/vectors beside the repo
+#   tests/vectors/update.sh SOURCE     # e.g. the team's shared vectors directory
 #
 # Provenance (upstream repository, path, commit, license) is in tests/vectors/README.md;
 # the script prints each copied folder's git tree hash so it can be compared with
 # `git rev-parse <commit>:<path>` in an upstream clone.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-source_dir="${1:-$here/../../../shared/vectors}"
+[ $# -eq 1 ] || { echo "usage: tests/vectors/update.sh SOURCE_DIRECTORY" >&2; exit 2; }
+source_dir="$1"
 [ -d "$source_dir" ] || { echo "update.sh: no source directory $source_dir" >&2; exit 1; }
 source_dir="$(cd "$source_dir" && pwd)"
 
