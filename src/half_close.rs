@@ -150,10 +150,9 @@ where
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             Poll::Pending => {
-                let peer = self.peer.closed().clone();
-                let waiting = self
-                    .waiting
-                    .get_or_insert_with(|| Box::pin(peer.cancelled_owned()));
+                let BodyUntilPeerShutdown { peer, waiting, .. } = &mut *self;
+                let waiting = waiting
+                    .get_or_insert_with(|| Box::pin(peer.closed().clone().cancelled_owned()));
                 ready!(waiting.as_mut().poll(cx));
                 Poll::Ready(Some(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

@@ -117,9 +117,24 @@ fn a_gone_stream_is_let_go_and_a_half_closed_one_keeps_delivering() {
     let mut gone = TcpStream::connect(&s.addr).expect("connect");
     gone.write_all(&get("/v1/events/stream", &format!("Bearer {}", s.token)))
         .expect("request");
-    let mut first = [0u8; 64];
-    let n = gone.read(&mut first).expect("the response starts");
-    assert!(first[..n].starts_with(b"HTTP/1.1 200 OK"));
+    // Read all that was sent (unread data would make the close a reset, not a FIN).
+    gone.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&received).contains("event: connected\ndata: ")
+        || !received.ends_with(b"\n\n\r\n")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no connected frame: {received:?}"
+        );
+        if let Ok(n) = gone.read(&mut chunk) {
+            received.extend_from_slice(&chunk[..n]);
+        }
+    }
+    assert!(received.starts_with(b"HTTP/1.1 200 OK"), "{received:?}");
     wait_until(Duration::from_secs(10), "one open stream", || {
         s.get("/healthz").1["connections"] == 1
     });
@@ -153,4 +168,50 @@ fn a_gone_stream_is_let_go_and_a_half_closed_one_keeps_delivering() {
     assert!(streamed.contains("event: connected"), "{streamed}");
     assert!(streamed.contains("event: before"), "{streamed}");
     assert!(streamed.contains("event: after"), "{streamed}");
+}
+
+/// After the upgrade, end-of-file is the WebSocket's to see: a client that drops its
+/// connection without a close frame frees its slot at once, not at the next ping.
+#[test]
+fn a_websocket_that_drops_its_connection_is_let_go_at_once() {
+    let s = Server::start(&[]);
+    let mut socket = TcpStream::connect(&s.addr).expect("connect");
+    socket
+        .write_all(
+            format!(
+                "GET /v1/events/ws HTTP/1.1\r\nHost: cairn\r\nAuthorization: Bearer {}\r\n\
+                 Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                s.token
+            )
+            .as_bytes(),
+        )
+        .expect("handshake");
+    // Everything the server sent is read first: closing with unread data would send a
+    // reset, which every reader notices; a plain FIN is what must not be held back.
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&received).contains("\"connected\"") {
+        assert!(
+            Instant::now() < deadline,
+            "no connected message: {received:?}"
+        );
+        if let Ok(n) = socket.read(&mut chunk) {
+            received.extend_from_slice(&chunk[..n]);
+        }
+    }
+    assert!(received.starts_with(b"HTTP/1.1 101"), "{received:?}");
+    wait_until(Duration::from_secs(10), "one open stream", || {
+        s.get("/healthz").1["connections"] == 1
+    });
+    drop(socket);
+    wait_until(
+        Duration::from_secs(5),
+        "the dropped WebSocket to be let go before its first ping (15 s)",
+        || s.get("/healthz").1["connections"] == 0,
+    );
 }
