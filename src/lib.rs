@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! POST /v1/events ─► api::ingest ─► event::parse_request ─► writer (queue)
-//!                     (validate, JCS of data, in parallel)        │
+//!                     (jcs: validate + JCS in one pass)           │
 //!   writer thread: ids, seq, chain::seal (hash), merkle (tree nodes)
 //!                  ─► store::apply (one sled batch)
 //!                  ─► store::sync (one fsync per group) ─► committed ─► acknowledge
@@ -27,7 +27,8 @@
 //! | module | concern |
 //! |---|---|
 //! | [`event`] | what producers send and the rules it must follow (SPEC §1) |
-//! | [`ijson`] | strict JSON: duplicate keys, unsafe integers |
+//! | [`ijson`] | strict JSON: duplicate keys, unsafe integers; every problem, with its path |
+//! | [`jcs`] | the ingest hot path: strict JSON to its canonical form in one pass (accept or reject) |
 //! | [`rfc3339`] | timestamps kept exactly as given, normalised to UTC |
 //! | [`chain`] | canonical record, hash, chain verification |
 //! | [`merkle`] | the RFC 6962 tree over the events: stored hashes, roots, proofs |
@@ -55,6 +56,7 @@ pub mod cursor;
 pub mod event;
 pub mod half_close;
 pub mod ijson;
+pub mod jcs;
 pub mod merkle;
 pub mod rfc3339;
 pub mod server;
