@@ -11,6 +11,10 @@ use std::time::Instant;
 
 use cairn::event::{BodyFormat, NewEvent, RequestError, parse_request, parse_request_reference};
 
+// The server's allocator: allocation is part of what is compared.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 type Parse = fn(&[u8], BodyFormat, usize) -> Result<Vec<NewEvent>, RequestError>;
 
 /// Nanoseconds per event of one round: `body` parsed `reps` times.
