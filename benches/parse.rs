@@ -39,8 +39,20 @@ fn main() {
         .collect();
     let single = support::batch_body(7, 1);
     let cases: [(&str, &[u8], BodyFormat, usize, usize); 3] = [
-        ("JSON {\"events\":[100]}", &batch, BodyFormat::Json, 100, 200),
-        ("NDJSON, 100 lines", ndjson.as_bytes(), BodyFormat::Ndjson, 100, 200),
+        (
+            "JSON {\"events\":[100]}",
+            &batch,
+            BodyFormat::Json,
+            100,
+            200,
+        ),
+        (
+            "NDJSON, 100 lines",
+            ndjson.as_bytes(),
+            BodyFormat::Ndjson,
+            100,
+            200,
+        ),
         ("one event", &single, BodyFormat::Json, 1, 20_000),
     ];
     // Both paths must give the same events before either is timed.

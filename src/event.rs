@@ -611,9 +611,15 @@ mod tests {
         let ok = r#"{"type":"a","data":{"b":1,"a":[1.0,"\u00e9"]},"source":"s\"\u00e9","timestamp":"2026-03-19T10:00:00+01:00"}"#;
         let cases: &[(&str, BodyFormat)] = &[
             (ok, BodyFormat::Json),
-            (r#"{"events":[{"type":"a"},{"type":"b","data":null,"source":null,"timestamp":null}]}"#, BodyFormat::Json),
+            (
+                r#"{"events":[{"type":"a"},{"type":"b","data":null,"source":null,"timestamp":null}]}"#,
+                BodyFormat::Json,
+            ),
             (r#"{"typ\u0065":"a"}"#, BodyFormat::Json),
-            ("{\"type\":\"a\"}\r\n\n  \n{\"type\":\"b\",\"data\":[]}\n", BodyFormat::Ndjson),
+            (
+                "{\"type\":\"a\"}\r\n\n  \n{\"type\":\"b\",\"data\":[]}\n",
+                BodyFormat::Ndjson,
+            ),
             (ok, BodyFormat::Ndjson),
             // Each is refused by both paths.
             (r#"{"events":[]}"#, BodyFormat::Json),
@@ -625,7 +631,10 @@ mod tests {
             (r#"{"events":[1]}"#, BodyFormat::Json),
             (r#"{"type":"a","type":"a"}"#, BodyFormat::Json),
             (r#"{"type":"a","data":1,"data":1}"#, BodyFormat::Json),
-            (r#"{"type":"a","timestamp":null,"timestamp":null}"#, BodyFormat::Json),
+            (
+                r#"{"type":"a","timestamp":null,"timestamp":null}"#,
+                BodyFormat::Json,
+            ),
             (r#"{"type":null}"#, BodyFormat::Json),
             (r#"{"type":"open"}"#, BodyFormat::Json),
             (r#"{"type":"a","source":""}"#, BodyFormat::Json),
@@ -634,14 +643,21 @@ mod tests {
             (r#"{"type":"a","data":{"x":1e20}}"#, BodyFormat::Json),
             (r#"{"type":"a"} x"#, BodyFormat::Json),
             ("{\"type\":\"a\"}\n{\"type\":\"b\"", BodyFormat::Ndjson),
-            ("{\"type\":\"a\"}\n{\"type\":\"a\"}\n{\"type\":\"a\"}", BodyFormat::Ndjson),
+            (
+                "{\"type\":\"a\"}\n{\"type\":\"a\"}\n{\"type\":\"a\"}",
+                BodyFormat::Ndjson,
+            ),
             ("\n \n", BodyFormat::Ndjson),
         ];
         for &(body, format) in cases {
             let reference = parse_request_reference(body.as_bytes(), format, 2);
             let one_pass = parse_valid(body.as_bytes(), format, 2);
             assert_eq!(one_pass, reference.as_ref().ok().cloned(), "{body}");
-            assert_eq!(parse_request(body.as_bytes(), format, 2), reference, "{body}");
+            assert_eq!(
+                parse_request(body.as_bytes(), format, 2),
+                reference,
+                "{body}"
+            );
         }
     }
 }

@@ -525,7 +525,8 @@ fn unescape(raw: &str, out: &mut String) {
                 let unit = hex4(bytes, at + 2).unwrap_or(0xFFFD);
                 if (0xD800..=0xDBFF).contains(&unit) {
                     let low = hex4(bytes, at + 8).unwrap_or(0xDC00);
-                    let code = 0x10000 + ((u32::from(unit) - 0xD800) << 10) + (u32::from(low) - 0xDC00);
+                    let code =
+                        0x10000 + ((u32::from(unit) - 0xD800) << 10) + (u32::from(low) - 0xDC00);
                     (char::from_u32(code).unwrap_or('\u{FFFD}'), 12)
                 } else {
                     (char::from_u32(u32::from(unit)).unwrap_or('\u{FFFD}'), 6)
@@ -624,10 +625,8 @@ mod tests {
             return None;
         }
         let mut out = Vec::new();
-        let mut ser = serde_json::Serializer::with_formatter(
-            &mut out,
-            canon_json::CanonicalFormatter::new(),
-        );
+        let mut ser =
+            serde_json::Serializer::with_formatter(&mut out, canon_json::CanonicalFormatter::new());
         parsed.value.serialize(&mut ser).ok()?;
         String::from_utf8(out).ok()
     }
@@ -689,15 +688,60 @@ mod tests {
     /// pairs and lone halves, numbers of every shape, whitespace.
     fn random_text(rng: &mut StdRng, depth: u32, out: &mut String) {
         const STRINGS: &[&str] = &[
-            "", "a", "b", "ab", "é", "\\u00e9", "\\\\", "\\\\u0041", "\\\"", "\\/", "\\n",
-            "\\u001f", "\\u2028", "\\ud83d\\ude00", "😀", "\\ue000", "\u{e000}", "\u{ffff}",
-            "\\ud800", "\\udc00", "x\\u0000y", "\\uD83D\\uDE00", "\\ud83d", "\u{7f}", "\t",
+            "",
+            "a",
+            "b",
+            "ab",
+            "é",
+            "\\u00e9",
+            "\\\\",
+            "\\\\u0041",
+            "\\\"",
+            "\\/",
+            "\\n",
+            "\\u001f",
+            "\\u2028",
+            "\\ud83d\\ude00",
+            "😀",
+            "\\ue000",
+            "\u{e000}",
+            "\u{ffff}",
+            "\\ud800",
+            "\\udc00",
+            "x\\u0000y",
+            "\\uD83D\\uDE00",
+            "\\ud83d",
+            "\u{7f}",
+            "\t",
         ];
         const NUMBERS: &[&str] = &[
-            "0", "-0", "1", "-1", "0.0", "-0.0", "1.5", "1e2", "1E+2", "1e-7", "1e21",
-            "1e20", "12345678901234567890", "9007199254740991", "9007199254740992",
-            "-9007199254740993", "123.456e-300", "5e-324", "1e400", "0.1", "1.0e0",
-            "100000000000000000000000", "9007199254740993.0", "4.5e15", "01", "1.", "-",
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "0.0",
+            "-0.0",
+            "1.5",
+            "1e2",
+            "1E+2",
+            "1e-7",
+            "1e21",
+            "1e20",
+            "12345678901234567890",
+            "9007199254740991",
+            "9007199254740992",
+            "-9007199254740993",
+            "123.456e-300",
+            "5e-324",
+            "1e400",
+            "0.1",
+            "1.0e0",
+            "100000000000000000000000",
+            "9007199254740993.0",
+            "4.5e15",
+            "01",
+            "1.",
+            "-",
         ];
         let ws = |rng: &mut StdRng, out: &mut String| {
             if rng.random_range(0..4) == 0 {

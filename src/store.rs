@@ -44,6 +44,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytestring::ByteString;
@@ -326,20 +327,39 @@ fn ulid_from_key(key: &[u8]) -> Result<Ulid> {
     Ok(Ulid(u128::from_be_bytes(bytes)))
 }
 
+/// Compressed bytes per 1,024 bytes of lines in the last chunk written (0: none yet).
+/// Chunks are cut to fit `MAX_VALUE_BYTES` by this ratio, so that a full chunk is
+/// compressed once: cut by `CHUNK_BYTES` alone, the peers' 300-byte events made 252-event
+/// chunks of ~26.6 KB, each compressed, thrown away and compressed again as two halves.
+static COMPRESSED_PER_KIB: AtomicUsize = AtomicUsize::new(0);
+
+/// Line bytes that should compress to at most 90% of `MAX_VALUE_BYTES` (the margin
+/// absorbs the variation between chunks; a chunk that still overflows is halved).
+fn chunk_budget() -> usize {
+    match COMPRESSED_PER_KIB.load(Ordering::Relaxed) {
+        0 => CHUNK_BYTES,
+        per_kib => (MAX_VALUE_BYTES * 9 / 10 * 1024 / per_kib).min(CHUNK_BYTES),
+    }
+}
+
 /// Everything one group commit writes, applied atomically.
 #[derive(Default)]
 pub struct CommitBatch {
     batch: sled::Batch,
+    /// Chunks compressed and thrown away because they were too large.
+    #[cfg(test)]
+    splits: usize,
 }
 
 impl CommitBatch {
     /// Adds consecutive events (in log order), packed into chunks.
     pub fn add_events(&mut self, events: &[Event]) {
+        let budget = chunk_budget();
         let mut start = 0;
         let mut bytes = 0;
         for (i, event) in events.iter().enumerate() {
             bytes += event.line.len();
-            if i + 1 - start >= CHUNK_EVENTS || bytes >= CHUNK_BYTES {
+            if i + 1 - start >= CHUNK_EVENTS || bytes >= budget {
                 self.add_chunk(&events[start..=i]);
                 start = i + 1;
                 bytes = 0;
@@ -357,7 +377,16 @@ impl CommitBatch {
             return;
         };
         let value = encode_chunk(events);
+        let line_bytes: usize = events.iter().map(|e| e.line.len()).sum();
+        COMPRESSED_PER_KIB.store(
+            (value.len() * 1024 / line_bytes.max(1)).max(1),
+            Ordering::Relaxed,
+        );
         if value.len() > MAX_VALUE_BYTES && events.len() > 1 {
+            #[cfg(test)]
+            {
+                self.splits += 1;
+            }
             let (left, right) = events.split_at(events.len() / 2);
             self.add_chunk(left);
             self.add_chunk(right);
@@ -992,6 +1021,55 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// Fails if chunks are cut by `CHUNK_BYTES` alone: the peers' events (lines of ~520
+    /// bytes compressing ~5:1) then overflow `MAX_VALUE_BYTES` and every full chunk is
+    /// compressed twice.
+    #[test]
+    fn chunks_are_sized_to_compress_once() {
+        let mut prev = ZERO_HASH;
+        let all: Vec<Event> = (1..=5_000u64)
+            .map(|seq| {
+                let data = format!(
+                    concat!(
+                        r#"{{"agent":"claude-code","cwd":"/home/dev/src/myapp","decision":"#,
+                        r#"{{"action":"allow","evaluation_time_us":{},"matched_policies":"#,
+                        r#"["allow-git"]}},"pad":"{}","request":{{"command":"git status"}},"#,
+                        r#""seq":{},"session":"myapp/main","tool":"exec"}}"#
+                    ),
+                    seq % 97,
+                    "x".repeat(40),
+                    seq
+                );
+                let id = Ulid::from_parts(1_000 + seq, rand::random());
+                let (line, hash) = seal(&RecordParts {
+                    data_jcs: &data,
+                    id,
+                    prev_hash: &prev,
+                    seq,
+                    source_jcs: None,
+                    timestamp: "2026-03-19T10:00:00.000Z",
+                    event_type: "tool_call",
+                });
+                prev = hash;
+                Event {
+                    id,
+                    seq,
+                    event_type: "tool_call".into(),
+                    source: None,
+                    line: line.into(),
+                }
+            })
+            .collect();
+        let mut splits = Vec::new();
+        for group in all.chunks(1_000) {
+            let mut batch = CommitBatch::default();
+            batch.add_events(group);
+            splits.push(batch.splits);
+        }
+        // The first chunk ever written has no ratio to go by.
+        assert_eq!(splits[1..], [0; 4], "splits per group: {splits:?}");
     }
 
     #[test]
