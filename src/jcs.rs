@@ -437,14 +437,7 @@ impl<'a> Reader<'a> {
         let mut integer = true;
         if bytes.get(i) == Some(&b'.') {
             integer = false;
-            i += 1;
-            let digits = i;
-            while let Some(b'0'..=b'9') = bytes.get(i) {
-                i += 1;
-            }
-            if i == digits {
-                return Err(Rejected);
-            }
+            i = one_or_more_digits(bytes, i + 1)?;
         }
         if let Some(b'e' | b'E') = bytes.get(i) {
             integer = false;
@@ -452,13 +445,7 @@ impl<'a> Reader<'a> {
             if let Some(b'+' | b'-') = bytes.get(i) {
                 i += 1;
             }
-            let digits = i;
-            while let Some(b'0'..=b'9') = bytes.get(i) {
-                i += 1;
-            }
-            if i == digits {
-                return Err(Rejected);
-            }
+            i = one_or_more_digits(bytes, i)?;
         }
         self.pos = i;
         let literal = &self.text[start..i];
@@ -489,6 +476,16 @@ impl<'a> Reader<'a> {
         write_number(out, value);
         Ok(())
     }
+}
+
+/// The end of the run of digits starting at `at`, which must not be empty.
+fn one_or_more_digits(bytes: &[u8], at: usize) -> Result<usize> {
+    let end = at
+        + bytes[at.min(bytes.len())..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+    if end == at { Err(Rejected) } else { Ok(end) }
 }
 
 /// Four hex digits at `at`.

@@ -995,12 +995,24 @@ mod tests {
     use crate::chain::{RecordParts, seal};
 
     fn events(n: u64, data_bytes: usize) -> Vec<Event> {
+        sealed(n, "t", "2026-01-01T00:00:00Z", |_| {
+            let mut noise = vec![0u8; data_bytes / 2];
+            rand::fill(&mut noise[..]);
+            format!("\"{}\"", hex::encode(noise))
+        })
+    }
+
+    /// `n` sealed events of one type and timestamp, `data(seq)` their JCS data.
+    fn sealed(
+        n: u64,
+        event_type: &str,
+        timestamp: &str,
+        data: impl Fn(u64) -> String,
+    ) -> Vec<Event> {
         let mut prev = ZERO_HASH;
         (1..=n)
             .map(|seq| {
-                let mut noise = vec![0u8; data_bytes / 2];
-                rand::fill(&mut noise[..]);
-                let data = format!("\"{}\"", hex::encode(noise));
+                let data = data(seq);
                 let id = Ulid::from_parts(1_000 + seq, 0);
                 let (line, hash) = seal(&RecordParts {
                     data_jcs: &data,
@@ -1008,14 +1020,14 @@ mod tests {
                     prev_hash: &prev,
                     seq,
                     source_jcs: None,
-                    timestamp: "2026-01-01T00:00:00Z",
-                    event_type: "t",
+                    timestamp,
+                    event_type,
                 });
                 prev = hash;
                 Event {
                     id,
                     seq,
-                    event_type: "t".into(),
+                    event_type: event_type.into(),
                     source: None,
                     line: line.into(),
                 }
@@ -1028,40 +1040,19 @@ mod tests {
     /// compressed twice.
     #[test]
     fn chunks_are_sized_to_compress_once() {
-        let mut prev = ZERO_HASH;
-        let all: Vec<Event> = (1..=5_000u64)
-            .map(|seq| {
-                let data = format!(
-                    concat!(
-                        r#"{{"agent":"claude-code","cwd":"/home/dev/src/myapp","decision":"#,
-                        r#"{{"action":"allow","evaluation_time_us":{},"matched_policies":"#,
-                        r#"["allow-git"]}},"pad":"{}","request":{{"command":"git status"}},"#,
-                        r#""seq":{},"session":"myapp/main","tool":"exec"}}"#
-                    ),
-                    seq % 97,
-                    "x".repeat(40),
-                    seq
-                );
-                let id = Ulid::from_parts(1_000 + seq, rand::random());
-                let (line, hash) = seal(&RecordParts {
-                    data_jcs: &data,
-                    id,
-                    prev_hash: &prev,
-                    seq,
-                    source_jcs: None,
-                    timestamp: "2026-03-19T10:00:00.000Z",
-                    event_type: "tool_call",
-                });
-                prev = hash;
-                Event {
-                    id,
-                    seq,
-                    event_type: "tool_call".into(),
-                    source: None,
-                    line: line.into(),
-                }
-            })
-            .collect();
+        let all = sealed(5_000, "tool_call", "2026-03-19T10:00:00.000Z", |seq| {
+            format!(
+                concat!(
+                    r#"{{"agent":"claude-code","cwd":"/home/dev/src/myapp","decision":"#,
+                    r#"{{"action":"allow","evaluation_time_us":{},"matched_policies":"#,
+                    r#"["allow-git"]}},"pad":"{}","request":{{"command":"git status"}},"#,
+                    r#""seq":{},"session":"myapp/main","tool":"exec"}}"#
+                ),
+                seq % 97,
+                "x".repeat(40),
+                seq
+            )
+        });
         let mut splits = Vec::new();
         for group in all.chunks(1_000) {
             let mut batch = CommitBatch::default();
