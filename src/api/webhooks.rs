@@ -86,6 +86,15 @@ pub fn webhook_json(view: View, secret: bool) -> WebhookJson {
     }
 }
 
+/// A body that is not a JSON object (one problem naming no member) is a `bad_request`;
+/// invalid members are `validation_failed`, every one listed.
+fn invalid(mut problems: Vec<crate::event::Problem>) -> ApiError {
+    match problems.as_slice() {
+        [only] if only.field.is_none() => ApiError::bad_request(problems.remove(0).message),
+        _ => ApiError::validation(problems),
+    }
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no webhook with id {id}"))
 }
@@ -117,7 +126,7 @@ pub async fn create(
     caller.require(Role::Admin)?;
     let (parts, body) = request.into_parts();
     let body = read_body(body, &parts.headers, MAX_WEBHOOK_BODY_BYTES).await?;
-    let new = webhook::parse_new(&body).map_err(ApiError::validation)?;
+    let new = webhook::parse_new(&body).map_err(invalid)?;
     let record = state
         .webhooks
         .create(new)
@@ -214,7 +223,7 @@ pub async fn update(
     };
     let (parts, body) = request.into_parts();
     let body = read_body(body, &parts.headers, MAX_WEBHOOK_BODY_BYTES).await?;
-    let patch = webhook::parse_patch(&body).map_err(ApiError::validation)?;
+    let patch = webhook::parse_patch(&body).map_err(invalid)?;
     let view = state
         .webhooks
         .patch(&id, patch)
