@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::client::conn::http1::SendRequest;
 
-use support::{Server, batch_body};
+use support::{Server, batch_body, connect};
 
 /// A receiver that answers 204 at once and counts the events it was sent. It runs on
 /// its own thread at a lower CPU priority (nice 10), standing in for a receiver on
@@ -61,16 +59,6 @@ async fn serve_receiver() -> (String, Arc<AtomicU64>) {
     let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, events)
-}
-
-async fn connect(addr: &str) -> SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let (send, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    send
 }
 
 async fn request(

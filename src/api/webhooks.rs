@@ -95,6 +95,12 @@ fn invalid(mut problems: Vec<crate::event::Problem>) -> ApiError {
     }
 }
 
+/// The `{id}` of the path; one that does not decode (invalid UTF-8) names no webhook.
+fn path_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    id.map(|Path(id)| id)
+        .map_err(|_| ApiError::not_found("no such webhook"))
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no webhook with id {id}"))
 }
@@ -179,9 +185,7 @@ pub async fn show(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
-    let Ok(Path(id)) = id else {
-        return Err(ApiError::not_found("no such webhook"));
-    };
+    let id = path_id(id)?;
     let view = state.webhooks.get(&id).ok_or_else(|| not_found(&id))?;
     Ok(axum::Json(Envelope {
         data: webhook_json(view, false),
@@ -218,9 +222,7 @@ pub async fn update(
     request: Request,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
-    let Ok(Path(id)) = id else {
-        return Err(ApiError::not_found("no such webhook"));
-    };
+    let id = path_id(id)?;
     let (parts, body) = request.into_parts();
     let body = read_body(body, &parts.headers, MAX_WEBHOOK_BODY_BYTES).await?;
     let patch = webhook::parse_patch(&body).map_err(invalid)?;
@@ -258,9 +260,7 @@ pub async fn delete(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
-    let Ok(Path(id)) = id else {
-        return Err(ApiError::not_found("no such webhook"));
-    };
+    let id = path_id(id)?;
     if !state
         .webhooks
         .delete(&id)
