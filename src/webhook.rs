@@ -646,7 +646,8 @@ impl Webhooks {
         tokio::task::spawn_blocking(move || save(&store, &stored, true))
             .await
             .map_err(|e| WebhookError::Task(e.to_string()))??;
-        tracing::info!(id = %record.id, url = %record.url, cursor = %record.cursor(), "webhook created");
+        // Not the URL: receivers may carry a token of their own in it.
+        tracing::info!(id = %record.id, cursor = %record.cursor(), "webhook created");
         self.launch(record.clone());
         Ok(record)
     }
@@ -1016,7 +1017,7 @@ async fn post(
         .await;
     let mut response = match sent {
         Ok(r) => r,
-        Err(e) => return failure(&e),
+        Err(e) => return failure(e),
     };
     let status = response.status();
     // Drain a little of the body so the connection can be reused; a body that errors
@@ -1050,8 +1051,10 @@ async fn post(
     }
 }
 
-fn failure(e: &reqwest::Error) -> Outcome {
-    let mut cause: &dyn std::error::Error = e;
+/// A failed request, described without its URL (which may hold a receiver's token).
+fn failure(e: reqwest::Error) -> Outcome {
+    let e = e.without_url();
+    let mut cause: &dyn std::error::Error = &e;
     let mut text = e.to_string();
     while let Some(next) = cause.source() {
         cause = next;

@@ -845,3 +845,24 @@ fn cli_manages_webhooks_offline_and_through_the_server() {
     assert_eq!(code, 0, "{err}");
     assert!(secret.trim().starts_with("whsec_"));
 }
+
+#[test]
+fn a_cursor_newer_than_the_head_waits_for_newer_events() {
+    let s = Server::start(FAST);
+    let witness = Receiver::start(Plan::Ok);
+    let future = Receiver::start(Plan::Ok);
+    create(&s, json!({"url": witness.url, "since": "earliest"}));
+    // A ULID of the year 10889: after every event this log will hold.
+    let (id, _) = create(
+        &s,
+        json!({"url": future.url, "since": "7ZZZZZZZZZZZZZZZZZZZZZZZZZ"}),
+    );
+    append(&s, 20, "audit", None);
+    wait_until(WAIT, "the witness", || witness.acked_events().len() == 20);
+    assert!(future.requests().is_empty(), "delivered before its cursor");
+    let state = webhook(&s, &id);
+    assert_eq!(state["cursor"], "7ZZZZZZZZZZZZZZZZZZZZZZZZZ");
+    assert_eq!(state["state"], "active");
+    let lag = s.metric(&format!(r#"cairn_webhook_lag_events{{webhook="{id}"}}"#));
+    assert_eq!(lag, 0.0);
+}
