@@ -15,11 +15,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
-use support::{Server, batch_body};
+use support::{Server, batch_body, connect};
 
 fn dir_bytes(path: &Path) -> u64 {
     let mut total = 0;
@@ -33,16 +30,6 @@ fn dir_bytes(path: &Path) -> u64 {
         }
     }
     total
-}
-
-async fn connect(addr: &str) -> SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let (send, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    send
 }
 
 /// `conns` connections each send `per_conn` requests of `batch` events, one at a time.

@@ -58,6 +58,9 @@ pub enum Command {
     /// Create, list or revoke tokens: on a stopped server's data directory, or with
     /// --url and an admin token on a running one.
     Token(TokenArgs),
+    /// Manage webhooks (SPEC §7): offline on a stopped server's data directory (--data),
+    /// or through a running server (--url, with an admin token).
+    Webhook(WebhookArgs),
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +95,97 @@ pub enum TokenAction {
     List,
     /// Revoke a token at once; its open streams close.
     Revoke { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    #[command(subcommand)]
+    pub action: WebhookAction,
+}
+
+/// Where `cairn webhook` works: a stopped server's data directory, or a running server.
+#[derive(Debug, Args, Clone)]
+pub struct WebhookPlace {
+    /// Data directory of a stopped server (the default when no server URL is given: ./data).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A running server's URL (needs an admin --token).
+    #[arg(long, env = "CAIRN_URL")]
+    pub url: Option<String>,
+    #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookAction {
+    /// Create a webhook; prints its secret alone on stdout (shown only once). Here
+    /// `--url` is the receiver's URL, so a running server is named with `--server`.
+    Create {
+        /// The receiver's URL (http or https).
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Comma list of exact types and prefix* patterns (default: every type).
+        #[arg(long, value_delimiter = ',')]
+        types: Option<Vec<String>>,
+        /// Only events with exactly this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Where delivery starts: a ULID, an RFC 3339 time, a duration (15m, 2h, 7d) or
+        /// `earliest` (default: the head now, only new events).
+        #[arg(long)]
+        since: Option<String>,
+        /// Most events per request (1–1000).
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
+        /// Data directory of a stopped server (default ./data without --server).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A running server's URL (needs an admin --token).
+        #[arg(long, env = "CAIRN_URL")]
+        server: Option<String>,
+        #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// List webhooks and their state.
+    List {
+        #[command(flatten)]
+        place: WebhookPlace,
+    },
+    /// Show one webhook (JSON, as GET /v1/webhooks/{id}).
+    Show {
+        id: String,
+        #[command(flatten)]
+        place: WebhookPlace,
+    },
+    /// Stop delivering (the cursor is kept).
+    Pause {
+        id: String,
+        #[command(flatten)]
+        place: WebhookPlace,
+    },
+    /// Deliver again, from the cursor.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        place: WebhookPlace,
+    },
+    /// Move the cursor: delivery continues after it (earlier: events are sent again).
+    Replay {
+        id: String,
+        /// A ULID, an RFC 3339 time, a duration (15m, 2h, 7d) or `earliest`.
+        #[arg(long)]
+        since: String,
+        #[command(flatten)]
+        place: WebhookPlace,
+    },
+    /// Delete a webhook.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        place: WebhookPlace,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -135,6 +229,20 @@ pub struct ServeArgs {
     /// Largest ingest body, in bytes.
     #[arg(long, env = "CAIRN_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Seconds a webhook receiver has to answer a delivery (fractions allowed).
+    #[arg(long, env = "CAIRN_WEBHOOK_TIMEOUT", default_value_t = 10.0, value_parser = fractional_seconds)]
+    pub webhook_timeout: f64,
+    /// Seconds before the first retry of a failed webhook delivery; it doubles per
+    /// consecutive failure up to 5 minutes. For tests; the contract says 1.
+    #[arg(long, env = "CAIRN_WEBHOOK_RETRY_INITIAL", default_value_t = 1.0, value_parser = fractional_seconds, hide = true)]
+    pub webhook_retry_initial: f64,
+}
+
+fn fractional_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err("must be a number of seconds above 0 and at most 86400".into()),
+    }
 }
 
 /// Where a remote command finds the server.

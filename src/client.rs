@@ -56,6 +56,24 @@ impl Client {
         checked(response, &url).map(|_| ())
     }
 
+    /// PATCH `path` with a JSON body; returns the response JSON.
+    pub fn patch_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let url = self.url(path);
+        let response = self
+            .authorized(self.http.patch(&url))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .map_err(|e| format!("cannot reach {}: {}", self.base, root_cause(&e)))?;
+        checked(response, &url)?
+            .json()
+            .map_err(|e| format!("{url}: the response is not JSON: {e}"))
+    }
+
     /// POST a body with a content type; returns the response JSON.
     pub fn post(
         &self,

@@ -478,7 +478,7 @@ pub fn validate_event(index: usize, value: Value) -> Result<NewEvent, Vec<Proble
     })
 }
 
-fn check_source(s: &str) -> Result<(), String> {
+pub fn check_source(s: &str) -> Result<(), String> {
     let chars = s.chars().count();
     if chars == 0 || chars > MAX_SOURCE_CHARS {
         return Err(format!("must be 1–{MAX_SOURCE_CHARS} characters"));

@@ -38,6 +38,7 @@
 //! | [`subscription`] | replay-then-live, exactly once, for every stream |
 //! | [`cursor`] | `since`/`until`/`types`/`source` |
 //! | [`auth`] | tokens, roles, allow-lists, revocation |
+//! | [`webhook`] | webhooks: stored definitions and cursors, one delivery task each (a subscription, signed POSTs, retries) |
 //! | [`api`] | axum routes (ingest, read, SSE and WebSocket streams, proofs, tokens, ops), the error body, and the OpenAPI document built from the routes |
 //! | [`server`] | `cairn serve`: start-up checks, HTTP/1.1 serving, draining |
 //! | [`half_close`] | a client that shuts down its sending side still gets its response |
@@ -64,4 +65,5 @@ pub mod shutdown;
 pub mod store;
 pub mod subscription;
 pub mod telemetry;
+pub mod webhook;
 pub mod writer;

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => commands::verify::run(&args),
         Command::Proof(args) => commands::proof::run(&args),
         Command::Token(args) => commands::token::run(&args),
+        Command::Webhook(args) => commands::webhook::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -62,6 +63,8 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
         write_timeout: std::time::Duration::from_secs(args.write_timeout),
         origin: args.origin,
         checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval),
+        webhook_timeout: std::time::Duration::from_secs_f64(args.webhook_timeout),
+        webhook_retry_initial: std::time::Duration::from_secs_f64(args.webhook_retry_initial),
     };
     runtime
         .block_on(server::run(opts))

@@ -20,6 +20,7 @@ use crate::checkpoint::{self, Checkpointer};
 use crate::half_close::{BodyUntilPeerShutdown, HalfCloseAware, PeerShutdown};
 use crate::merkle;
 use crate::store::{DataDir, Store};
+use crate::webhook::{DeliveryConfig, Webhooks};
 use crate::writer::{SyncMode, Writer};
 
 /// How many of the newest events are re-hashed at every start.
@@ -39,6 +40,10 @@ pub struct ServeOptions {
     /// Checkpoint origin; generated at first start when absent.
     pub origin: Option<String>,
     pub checkpoint_interval: Duration,
+    /// `--webhook-timeout`.
+    pub webhook_timeout: Duration,
+    /// The first retry delay of a failed webhook delivery.
+    pub webhook_retry_initial: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Metrics(String),
+    #[error(transparent)]
+    Webhook(#[from] crate::webhook::WebhookError),
 }
 
 /// Re-derives the chain of the newest events; a break means the data was altered or
@@ -142,6 +149,16 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let (writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
+    let webhooks = Arc::new(Webhooks::start(
+        store.clone(),
+        writer.clone(),
+        DeliveryConfig {
+            timeout: opts.webhook_timeout,
+            backoff_min: opts.webhook_retry_initial,
+            durable: opts.sync != SyncMode::None,
+        },
+        shutdown.child_token(),
+    )?);
     let state = AppState {
         store: store.clone(),
         writer,
@@ -160,6 +177,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         },
         stream_stats: Default::default(),
         checkpoints: checkpoints.clone(),
+        webhooks: webhooks.clone(),
         metrics: crate::telemetry::install().map_err(ServeError::Metrics)?,
     };
     let listener = TcpListener::bind(opts.listen)
@@ -187,6 +205,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         shutdown.clone(),
     ));
     serve_http(listener, api::router(state), shutdown, connections).await;
+    // Delivery tasks hold a Writer handle (to subscribe): they end before it is drained.
+    webhooks.stopped().await;
+    drop(webhooks);
 
     // The router (and every Writer handle in it) is gone: the writer drains its queue.
     let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;

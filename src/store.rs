@@ -437,6 +437,8 @@ pub struct Store {
     db: sled::Db,
     log: sled::Tree,
     tokens: sled::Tree,
+    /// Webhook definitions and their durable cursors ([`crate::webhook`]).
+    webhooks: sled::Tree,
     /// sled's log file, for the `fdatasync` sled's own flush leaves out.
     log_file: File,
     blob_dir: PathBuf,
@@ -529,6 +531,7 @@ impl Store {
         sync_settings_file(dir.path(), &db_path)?;
         let log = db.open_tree("log")?;
         let tokens = db.open_tree("tokens")?;
+        let webhooks = db.open_tree("webhooks")?;
         let log_file_path = db_path.join("db");
         let log_file = File::open(&log_file_path).map_err(|source| StoreError::Io {
             path: log_file_path,
@@ -538,6 +541,7 @@ impl Store {
             db,
             log,
             tokens,
+            webhooks,
             log_file,
             blob_dir: db_path.join("blobs"),
             synced_blobs: Default::default(),
@@ -883,6 +887,28 @@ impl Store {
     /// Removes a token record durably; `false` if there was none.
     pub fn remove_token_record(&self, id: &str) -> Result<bool> {
         let existed = self.tokens.remove(id.as_bytes())?.is_some();
+        self.sync()?;
+        Ok(existed)
+    }
+
+    /// All stored webhooks' raw records.
+    pub fn webhook_records(&self) -> Result<Vec<Vec<u8>>> {
+        self.webhooks
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect()
+    }
+
+    /// Stores a webhook record; with `durable`, it is on disk before this returns.
+    pub fn put_webhook_record(&self, id: &str, record: &[u8], durable: bool) -> Result<()> {
+        self.webhooks.insert(id.as_bytes(), record)?;
+        if durable { self.sync() } else { Ok(()) }
+    }
+
+    /// Removes a webhook record durably; `false` if there was none.
+    pub fn remove_webhook_record(&self, id: &str) -> Result<bool> {
+        let existed = self.webhooks.remove(id.as_bytes())?.is_some();
         self.sync()?;
         Ok(existed)
     }

@@ -22,6 +22,8 @@ const EVENTS_DELIVERED: &str = "cairn_events_delivered_total";
 const STREAM_CATCHUP: &str = "cairn_stream_catchup_total";
 const LOG_EVENTS: &str = "cairn_log_events";
 const LOG_BYTES: &str = "cairn_log_bytes";
+pub const WEBHOOK_DELIVERIES: &str = "cairn_webhook_deliveries_total";
+const WEBHOOK_LAG: &str = "cairn_webhook_lag_events";
 
 /// Seconds: 50 µs to 5 s, about three buckets per decade.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -66,6 +68,14 @@ fn describe() {
         STREAM_CATCHUP,
         "Times a slow stream fell behind the live buffer and read the log instead."
     );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook requests, by result: ok (2xx), error (other status, refused connection, redirect, 410), timeout."
+    );
+    describe_gauge!(
+        WEBHOOK_LAG,
+        "Committed events after a webhook's cursor (not yet delivered or passed over)."
+    );
     describe_gauge!(LOG_EVENTS, "Events in the log (the committed head's seq).");
     describe_gauge!(
         LOG_BYTES,
@@ -74,13 +84,24 @@ fn describe() {
     );
 }
 
+/// Sets a webhook's lag gauge (at scrape time, and to 0 when it is deleted).
+pub fn set_webhook_lag(webhook: &str, lag: u64) {
+    metrics::gauge!(WEBHOOK_LAG, "webhook" => webhook.to_string()).set(lag as f64);
+}
+
 /// The scrape: values kept elsewhere are read now, then everything is rendered.
 pub fn render(
     handle: &PrometheusHandle,
     store: &Store,
     streams_open: usize,
     stream_stats: &StreamStats,
+    webhook_lags: Vec<(String, u64)>,
 ) -> String {
+    // A deleted webhook's series stays at its last value until the process restarts
+    // (the exporter has no removal); `Webhooks::delete` sets it to 0.
+    for (webhook, lag) in webhook_lags {
+        set_webhook_lag(&webhook, lag);
+    }
     metrics::gauge!(STREAMS_OPEN).set(streams_open as f64);
     metrics::counter!(EVENTS_DELIVERED).absolute(stream_stats.delivered.load(Ordering::Relaxed));
     metrics::counter!(STREAM_CATCHUP).absolute(stream_stats.catchups.load(Ordering::Relaxed));

@@ -155,3 +155,16 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// An HTTP/1.1 client connection to `addr` (Nagle off), driven on the current runtime.
+pub async fn connect(
+    addr: &str,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    send
+}

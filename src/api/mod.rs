@@ -11,6 +11,7 @@ mod proofs;
 mod read;
 mod stream;
 mod tokens;
+mod webhooks;
 mod websocket;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorCode};
 pub use stream::{StreamConfig, StreamSlots};
+pub use webhooks::{WebhookJson, webhook_json};
 
 use crate::auth::Tokens;
 use crate::checkpoint::Checkpointer;
@@ -50,6 +52,8 @@ pub struct AppState {
     pub stream: StreamConfig,
     pub stream_stats: Arc<StreamStats>,
     pub checkpoints: Arc<Checkpointer>,
+    /// Webhooks and their delivery tasks.
+    pub webhooks: Arc<crate::webhook::Webhooks>,
     /// Renders `/metrics`.
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -90,6 +94,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(proofs::consistency))
         .routes(routes!(tokens::create, tokens::list))
         .routes(routes!(tokens::revoke))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::show, webhooks::update, webhooks::delete))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))
         .routes(routes!(openapi::openapi_json))

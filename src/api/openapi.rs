@@ -50,6 +50,7 @@ pub use super::error::Body as Error;
         (name = "streams", description = "Live delivery: Server-Sent Events and WebSocket"),
         (name = "proofs", description = "Signed checkpoints and Merkle proofs"),
         (name = "tokens", description = "Token management (role admin)"),
+        (name = "webhooks", description = "Durable push of events to a URL, signed per Standard Webhooks (role admin)"),
         (name = "operations", description = "Health, metrics, the dashboard and this document"),
     )
 )]
@@ -145,6 +146,13 @@ string_schema!(
     format!("^({TYPE_ENTRY})$")
 );
 
+string_schema!(
+    Cursor,
+    "A cursor: a ULID (delivery continues after it), an RFC 3339 time (events ingested at \
+     or after it) or `earliest`.",
+    format!("^(earliest|{ULID_INPUT}|{RFC3339_INPUT})$")
+);
+
 /// A boolean that is always true (or, below, false) where it is used.
 macro_rules! constant_bool {
     ($name:ident, $value:literal) => {
@@ -175,7 +183,7 @@ pub mod wire {
     use serde::Serialize;
     use utoipa::ToSchema;
 
-    use super::{EventId, Hash, Timestamp, TimestampInput, TypePattern};
+    use super::{Cursor, EventId, Hash, Timestamp, TimestampInput, TypePattern};
     use crate::auth::Role;
 
     /// An event as stored and served: every byte is the RFC 8785 (JCS) form of this
@@ -280,6 +288,42 @@ pub mod wire {
         /// `prefix*` patterns. Absent or null: every type.
         #[schema(value_type = Option<Vec<TypePattern>>, min_items = 1)]
         types: Option<Vec<String>>,
+    }
+
+    /// `POST /v1/webhooks` (`webhook::parse_new`). Unknown members are refused.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct NewWebhook {
+        /// An http or https URL, at most 2048 characters, without user name or password.
+        #[schema(max_length = 2048)]
+        url: String,
+        /// 1–128 characters, no control characters.
+        #[schema(min_length = 1, max_length = 128)]
+        name: Option<String>,
+        /// Exact types and `prefix*` patterns; absent or null: every type.
+        #[schema(value_type = Option<Vec<TypePattern>>, min_items = 1, max_items = 256)]
+        types: Option<Vec<String>>,
+        /// Only events with exactly this source.
+        #[schema(min_length = 1, max_length = 256)]
+        source: Option<String>,
+        /// Where delivery starts: a ULID (after it), an RFC 3339 time or `earliest`;
+        /// absent: the head now (only new events).
+        #[schema(value_type = Option<Cursor>)]
+        since: Option<String>,
+        /// Most events per request (default 1: the body is the event itself).
+        #[schema(minimum = 1, maximum = 1000)]
+        batch: Option<u32>,
+    }
+
+    /// `PATCH /v1/webhooks/{id}` (`webhook::parse_patch`): at least one member.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct WebhookPatch {
+        /// Pause (true) or resume (false).
+        paused: Option<bool>,
+        /// Where delivery continues: a ULID (after it), an RFC 3339 time or `earliest`.
+        #[schema(value_type = Option<Cursor>)]
+        cursor: Option<String>,
     }
 }
 

@@ -58,6 +58,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         &state.store,
         state.streams.open(),
         &state.stream_stats,
+        state.webhooks.lags(),
     );
     (
         [(

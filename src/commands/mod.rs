@@ -6,6 +6,7 @@ pub mod export;
 pub mod proof;
 pub mod token;
 pub mod verify;
+pub mod webhook;
 
 /// A `--since` value for the API: durations (`30s`, `15m`, `2h`, `7d`) become the
 /// RFC 3339 time that long before now; anything else is passed on as given.
