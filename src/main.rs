@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => commands::verify::run(&args),
         Command::Proof(args) => commands::proof::run(&args),
         Command::Token(args) => commands::token::run(&args),
+        Command::Prune(args) => commands::prune::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -62,6 +63,12 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
         write_timeout: std::time::Duration::from_secs(args.write_timeout),
         origin: args.origin,
         checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval),
+        retention: cairn::retention::Policy {
+            retain_for: args.retain_for,
+            retain_events: args.retain_events,
+            retain_bytes: args.retain_bytes,
+            archive: args.archive,
+        },
     };
     runtime
         .block_on(server::run(opts))

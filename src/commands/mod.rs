@@ -4,6 +4,7 @@ pub mod append;
 pub mod events;
 pub mod export;
 pub mod proof;
+pub mod prune;
 pub mod token;
 pub mod verify;
 
