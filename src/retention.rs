@@ -290,7 +290,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => n.checked_mul(3600),
         "d" => n.checked_mul(86_400),
         "w" => n.checked_mul(7 * 86_400),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use s, m, h, d or w)")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use s, m, h, d or w)"
+            ));
+        }
     }
     .ok_or_else(|| format!("{text:?} is too long"))?;
     if secs == 0 {

@@ -499,6 +499,7 @@ pub struct Store {
     pruning: RwLock<()>,
     /// Compressed bytes of the retained chunks, once counted ([`Store::count_chunk_bytes`]).
     chunk_bytes: std::sync::atomic::AtomicU64,
+    chunk_bytes_counted: std::sync::atomic::AtomicBool,
     /// The tree size from which signed checkpoints are noted (`n`).
     noted_from: u64,
     _dir: DataDir,
@@ -603,6 +604,7 @@ impl Store {
             horizon: RwLock::new(Horizon::default()),
             pruning: RwLock::new(()),
             chunk_bytes: Default::default(),
+            chunk_bytes_counted: Default::default(),
             noted_from: 0,
             _dir: dir,
         };
@@ -629,7 +631,9 @@ impl Store {
             None => {
                 // Checkpoints signed before this record existed were not noted: count
                 // every block up to the head as cut (their leaf hashes are kept).
-                store.log.insert(NOTED_FROM_KEY, &head.seq.to_be_bytes()[..])?;
+                store
+                    .log
+                    .insert(NOTED_FROM_KEY, &head.seq.to_be_bytes()[..])?;
                 store.db.flush()?;
                 head.seq
             }
@@ -664,6 +668,8 @@ impl Store {
         }
         self.chunk_bytes
             .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.chunk_bytes_counted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(total)
     }
 
@@ -672,10 +678,18 @@ impl Store {
         self.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// [`Store::chunk_bytes`], if it was counted.
+    pub fn counted_chunk_bytes(&self) -> Option<u64> {
+        self.chunk_bytes_counted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.chunk_bytes())
+    }
+
     /// Whether a signed checkpoint's size may fall inside `block` (its leaf hashes are
     /// then kept when it is pruned).
     fn block_is_cut(&self, block: u64) -> Result<bool> {
-        Ok(block * BLOCK_LEAVES < self.noted_from || self.log.contains_key(block_key(CUT_PREFIX, block))?)
+        Ok(block * BLOCK_LEAVES < self.noted_from
+            || self.log.contains_key(block_key(CUT_PREFIX, block))?)
     }
 
     /// Records, durably, that a checkpoint of `size` leaves is about to be signed, so
@@ -726,9 +740,9 @@ impl Store {
             }
             let (k, v) = kv?;
             let seq = seq_from_key(&k)?;
-            let id = Ulid(u128::from_be_bytes(v.as_ref().try_into().map_err(|_| {
-                StoreError::Corrupt("malformed seq index entry".into())
-            })?));
+            let id = Ulid(u128::from_be_bytes(v.as_ref().try_into().map_err(
+                |_| StoreError::Corrupt("malformed seq index entry".into()),
+            )?));
             let chunk = self
                 .chunk(&event_key(id))?
                 .ok_or_else(|| StoreError::Corrupt(format!("chunk of seq {seq} is missing")))?;
@@ -743,7 +757,9 @@ impl Store {
                 _ => break,
             }
             if chunk.first().map(|e| e.seq) != Some(horizon.first_seq() + events.len() as u64) {
-                return Err(StoreError::Corrupt(format!("chunk of seq {seq} is out of place")));
+                return Err(StoreError::Corrupt(format!(
+                    "chunk of seq {seq} is out of place"
+                )));
             }
             events.extend(chunk.iter().cloned());
             chunks.push((seq, id));

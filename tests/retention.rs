@@ -37,7 +37,10 @@ fn wait_checkpoint_covers_head(server: &Server) {
 }
 
 fn checkpoint_size(note: &str) -> u64 {
-    note.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0)
+    note.lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Every archive, decompressed, in name order, then `tail`: one NDJSON text.
@@ -73,12 +76,7 @@ fn verify_file(text: &str) -> (i32, String, String) {
 fn retain_events_settles_and_everything_still_proves_itself() {
     let archive = tempfile::tempdir().unwrap();
     let dir = archive.path().join("archive");
-    let server = Server::start(&[
-        "--retain-events",
-        "500",
-        "--archive",
-        dir.to_str().unwrap(),
-    ]);
+    let server = Server::start(&["--retain-events", "500", "--archive", dir.to_str().unwrap()]);
     // A checkpoint an auditor saved before anything was pruned.
     append(&server, 150, 50);
     wait_checkpoint_covers_head(&server);
@@ -108,27 +106,45 @@ fn retain_events_settles_and_everything_still_proves_itself() {
     let (status, v) = server.get("/v1/verify?from_seq=1");
     assert_eq!((status, v["code"].as_str()), (410, Some("gone")), "{v}");
     let url = format!("http://{}", server.addr);
-    let (code, out, err) = cairn(
-        &["verify", "--url", &url, "--token", &server.token],
-        &[],
-    );
+    let (code, out, err) = cairn(&["verify", "--url", &url, "--token", &server.token], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("pruned"), "{err}");
 
     // Pruned event and its proof: 410; retained: proofs verify.
     let (status, body) = server.get(&format!("/v1/events/{first_id}"));
-    assert_eq!((status, body["code"].as_str()), (410, Some("gone")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
     let (status, body) = server.get("/v1/proof/inclusion?seq=1");
-    assert_eq!((status, body["code"].as_str()), (410, Some("gone")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
     let (code, out, err) = cairn(
-        &["proof", &first_seq.to_string(), "--url", &url, "--token", &server.token],
+        &[
+            "proof",
+            &first_seq.to_string(),
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");
     let proof = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(proof.path(), &out).unwrap();
     let (code, out, err) = cairn(
-        &["verify", "--proof", proof.path().to_str().unwrap(), "--key", key.trim()],
+        &[
+            "verify",
+            "--proof",
+            proof.path().to_str().unwrap(),
+            "--key",
+            key.trim(),
+        ],
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");
@@ -168,18 +184,18 @@ fn retain_events_settles_and_everything_still_proves_itself() {
         r.headers()["cairn-pruned-before"].to_str().unwrap(),
         horizon_id
     );
-    let (code, _, err) = cairn(
-        &["export", "--url", &url, "--token", &server.token],
-        &[],
-    );
+    let (code, _, err) = cairn(&["export", "--url", &url, "--token", &server.token], &[]);
     assert_eq!(code, 0);
-    assert!(err.contains("warning") && err.contains(&horizon_id), "{err}");
-    let (code, _, err) = cairn(
-        &["events", "--url", &url, "--token", &server.token],
-        &[],
+    assert!(
+        err.contains("warning") && err.contains(&horizon_id),
+        "{err}"
     );
+    let (code, _, err) = cairn(&["events", "--url", &url, "--token", &server.token], &[]);
     assert_eq!(code, 0);
-    assert!(err.contains("warning") && err.contains(&horizon_id), "{err}");
+    assert!(
+        err.contains("warning") && err.contains(&horizon_id),
+        "{err}"
+    );
 
     // SSE from before the horizon: the connected frame says so, the first event is it.
     let mut sse = server
@@ -204,7 +220,10 @@ fn retain_events_settles_and_everything_still_proves_itself() {
     )
     .unwrap();
     assert_eq!(connected["pruned_before"], horizon_id.as_str(), "{text}");
-    assert!(text.contains(&format!("id: {horizon_id}\nevent: t")), "{text}");
+    assert!(
+        text.contains(&format!("id: {horizon_id}\nevent: t")),
+        "{text}"
+    );
     drop(sse);
 
     // WebSocket: the same.
@@ -234,7 +253,10 @@ fn retain_events_settles_and_everything_still_proves_itself() {
     assert!(all.starts_with("{") && all.contains("\"seq\":1,"));
     let (code, out, err) = verify_file(&all);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(&format!("{} events verified", head["seq"])), "{out}");
+    assert!(
+        out.contains(&format!("{} events verified", head["seq"])),
+        "{out}"
+    );
 }
 
 #[test]
@@ -248,7 +270,15 @@ fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
 
     // Remote: a cursor past everything prunes all but the last chunk, and says so.
     let (code, out, err) = cairn(
-        &["prune", "--before", &last_id, "--url", &url, "--token", &server.token],
+        &[
+            "prune",
+            "--before",
+            &last_id,
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");
@@ -257,9 +287,21 @@ fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
     assert_eq!(h["seq"], head["seq"]);
     assert_eq!(h["first_seq"].as_u64(), Some(501), "{h}");
     let (status, v) = server.get("/v1/verify");
-    assert_eq!((status, v["data"]["ok"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(
+        (status, v["data"]["ok"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
     let (code, _, err) = cairn(
-        &["prune", "--before", "earliest", "--url", &url, "--token", &server.token],
+        &[
+            "prune",
+            "--before",
+            "earliest",
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
         &[],
     );
     assert_ne!(code, 0);
@@ -273,7 +315,15 @@ fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
     append(&server, 300, 100);
     let last_id = server.head()["id"].as_str().unwrap().to_string();
     let (code, out, err) = cairn(
-        &["prune", "--before", &last_id, "--url", &url_of(&server), "--token", &server.token],
+        &[
+            "prune",
+            "--before",
+            &last_id,
+            "--url",
+            &url_of(&server),
+            "--token",
+            &server.token,
+        ],
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");
@@ -355,4 +405,38 @@ fn a_kill_between_archive_and_removal_loses_nothing() {
     let (code, out, err) = verify_file(&archives_then(&dir, &export));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("1000 events verified"), "{out}");
+}
+
+#[test]
+fn retain_for_and_retain_bytes_settle_at_their_bounds() {
+    // Age: everything older than 2 s goes, except the last chunk.
+    let server = Server::start(&["--retain-for", "2s"]);
+    append(&server, 500, 100);
+    wait_checkpoint_covers_head(&server);
+    wait_until(SETTLE, "events older than 2 s to be pruned", || {
+        server.head()["first_seq"].as_u64() == Some(401)
+    });
+    let (status, v) = server.get("/v1/verify");
+    assert_eq!((status, v["data"]["checked"].as_u64()), (200, Some(100)), "{v}");
+    assert_eq!(server.metric("cairn_log_first_seq"), 401.0);
+
+    // Size: the stored (compressed) events stay under the bound, a chunk or so below.
+    let bound = 40_000.0;
+    let server = Server::start(&["--retain-bytes", "40000"]);
+    append(&server, 3_000, 100);
+    wait_checkpoint_covers_head(&server);
+    wait_until(SETTLE, "the stored bytes to come under the bound", || {
+        server.metric("cairn_log_stored_bytes") <= bound
+    });
+    let stored = server.metric("cairn_log_stored_bytes");
+    let h = server.head();
+    let first = h["first_seq"].as_u64().unwrap();
+    assert!(first > 1, "{h}");
+    let per_event = stored / (3_001 - first) as f64;
+    assert!(
+        stored > bound - 100.0 * per_event * 2.0,
+        "pruned far below the bound: {stored} bytes"
+    );
+    let (status, v) = server.get("/v1/verify");
+    assert_eq!((status, v["data"]["ok"].as_bool()), (200, Some(true)), "{v}");
 }

@@ -70,8 +70,7 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
                 horizon.first_seq()
             );
             if args.expect_prev.is_none() {
-                verifier =
-                    Verifier::after(horizon.pruned_through, id, horizon.last_pruned_hash);
+                verifier = Verifier::after(horizon.pruned_through, id, horizon.last_pruned_hash);
             }
         }
         verify_store(&store, &mut verifier, &mut progress)?
