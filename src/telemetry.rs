@@ -79,7 +79,10 @@ fn describe() {
         Unit::Bytes,
         "Compressed bytes of the retained events (what --retain-bytes bounds; with it only)."
     );
-    describe_gauge!(LOG_FIRST_SEQ, "The first retained seq (retention's horizon).");
+    describe_gauge!(
+        LOG_FIRST_SEQ,
+        "The first retained seq (retention's horizon)."
+    );
 }
 
 /// The scrape: values kept elsewhere are read now, then everything is rendered.

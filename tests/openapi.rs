@@ -34,6 +34,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tokens"),
     ("get", "/v1/tokens"),
     ("delete", "/v1/tokens/{id}"),
+    ("post", "/v1/admin/prune"),
 ];
 
 /// Routes that need no token.

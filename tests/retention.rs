@@ -417,7 +417,11 @@ fn retain_for_and_retain_bytes_settle_at_their_bounds() {
         server.head()["first_seq"].as_u64() == Some(401)
     });
     let (status, v) = server.get("/v1/verify");
-    assert_eq!((status, v["data"]["checked"].as_u64()), (200, Some(100)), "{v}");
+    assert_eq!(
+        (status, v["data"]["checked"].as_u64()),
+        (200, Some(100)),
+        "{v}"
+    );
     assert_eq!(server.metric("cairn_log_first_seq"), 401.0);
 
     // Size: the stored (compressed) events stay under the bound, a chunk or so below.
@@ -438,5 +442,9 @@ fn retain_for_and_retain_bytes_settle_at_their_bounds() {
         "pruned far below the bound: {stored} bytes"
     );
     let (status, v) = server.get("/v1/verify");
-    assert_eq!((status, v["data"]["ok"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(
+        (status, v["data"]["ok"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
 }
