@@ -198,6 +198,9 @@ impl Checkpointer {
             let proof = merkle::consistency_proof(&*self.store, previous.size, size)?;
             merkle::verify_consistency(&proof, previous.size, size, &previous.root.0, &root.0)?;
         }
+        // Retention keeps the tree nodes this checkpoint's proofs need only if it knows
+        // the size, so the size is on disk before the checkpoint exists.
+        self.store.note_checkpoint(size)?;
         let signed = self.sign(size, root)?;
         self.persist(&signed)?;
         self.set_latest(signed);
@@ -234,6 +237,24 @@ impl Checkpointer {
 
     fn persist(&self, signed: &Signed) -> Result<(), CheckpointError> {
         write_atomically(&self.path, signed.note.as_bytes(), 0o644)
+    }
+}
+
+/// The size of the newest checkpoint signed for the log in `data` (a stopped server's
+/// directory), its signature checked with the key kept there: what an offline prune may
+/// remove up to.
+pub fn latest_size_offline(data: &Path) -> Result<u64, CheckpointError> {
+    let key_path = data.join(KEY_FILE);
+    let skey = std::fs::read_to_string(&key_path).map_err(|source| CheckpointError::Io {
+        path: key_path.clone(),
+        source,
+    })?;
+    let vkey = verifier_key_of(skey.trim())?;
+    let path = data.join(CHECKPOINT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(note) => Ok(open(&note, &vkey)?.size),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(CheckpointError::Io { path, source }),
     }
 }
 

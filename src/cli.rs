@@ -55,6 +55,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Print an offline-verifiable inclusion proof (C2SP tlog-proof) for one event.
     Proof(ProofArgs),
+    /// Remove old events by hand (retention): offline on a stopped server's data
+    /// directory, or with --url and an admin token.
+    Prune(PruneArgs),
     /// Create, list or revoke tokens: on a stopped server's data directory, or with
     /// --url and an admin token on a running one.
     Token(TokenArgs),
@@ -236,6 +239,18 @@ pub struct ServeArgs {
     /// consecutive failure up to 5 minutes. For tests; the contract says 1.
     #[arg(long, env = "CAIRN_WEBHOOK_RETRY_INITIAL", default_value_t = 1.0, value_parser = fractional_seconds, hide = true)]
     pub webhook_retry_initial: f64,
+    /// Remove events older than this (by their id's time): `90d`, `12h`, `30m`.
+    #[arg(long, env = "CAIRN_RETAIN_FOR", value_parser = crate::retention::parse_duration)]
+    pub retain_for: Option<std::time::Duration>,
+    /// Keep (about) the newest N events.
+    #[arg(long, env = "CAIRN_RETAIN_EVENTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub retain_events: Option<u64>,
+    /// Keep the stored events under this size (compressed): `50GiB`, `500MB`.
+    #[arg(long, env = "CAIRN_RETAIN_BYTES", value_parser = crate::retention::parse_size)]
+    pub retain_bytes: Option<u64>,
+    /// Write pruned events here first, as cairn-<first>-<last>.ndjson.zst.
+    #[arg(long, env = "CAIRN_ARCHIVE")]
+    pub archive: Option<PathBuf>,
 }
 
 fn fractional_seconds(s: &str) -> Result<f64, String> {
@@ -243,6 +258,26 @@ fn fractional_seconds(s: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
         _ => Err("must be a number of seconds above 0 and at most 86400".into()),
     }
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Remove what `since=CURSOR` excludes: a ULID (ids up to and including it) or an
+    /// RFC 3339 time (events ingested before it).
+    #[arg(long)]
+    pub before: String,
+    /// A stopped server's data directory (offline). Given explicitly, it wins over CAIRN_URL.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A running server (needs an admin token; it archives with its own --archive).
+    #[arg(long, env = "CAIRN_URL")]
+    pub url: Option<String>,
+    /// Admin token for --url.
+    #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Offline: write pruned events here first.
+    #[arg(long)]
+    pub archive: Option<PathBuf>,
 }
 
 /// Where a remote command finds the server.

@@ -35,6 +35,7 @@
 //! | [`checkpoint`] | signing key, signed checkpoints, the tlog-proof format |
 //! | [`store`] | sled layout, data-directory lock, committed head |
 //! | [`writer`] | single writer, group commit, publisher |
+//! | [`retention`] | bounds, the pruner, archives, manual prune (SPEC §8) |
 //! | [`subscription`] | replay-then-live, exactly once, for every stream |
 //! | [`cursor`] | `since`/`until`/`types`/`source` |
 //! | [`auth`] | tokens, roles, allow-lists, revocation |
@@ -59,6 +60,7 @@ pub mod half_close;
 pub mod ijson;
 pub mod jcs;
 pub mod merkle;
+pub mod retention;
 pub mod rfc3339;
 pub mod server;
 pub mod shutdown;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Proof(args) => commands::proof::run(&args),
         Command::Token(args) => commands::token::run(&args),
         Command::Webhook(args) => commands::webhook::run(&args),
+        Command::Prune(args) => commands::prune::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -65,6 +66,12 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
         checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval),
         webhook_timeout: std::time::Duration::from_secs_f64(args.webhook_timeout),
         webhook_retry_initial: std::time::Duration::from_secs_f64(args.webhook_retry_initial),
+        retention: cairn::retention::Policy {
+            retain_for: args.retain_for,
+            retain_events: args.retain_events,
+            retain_bytes: args.retain_bytes,
+            archive: args.archive,
+        },
     };
     runtime
         .block_on(server::run(opts))

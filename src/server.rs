@@ -44,6 +44,7 @@ pub struct ServeOptions {
     pub webhook_timeout: Duration,
     /// The first retry delay of a failed webhook delivery.
     pub webhook_retry_initial: Duration,
+    pub retention: crate::retention::Policy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +86,14 @@ pub fn check_tail(store: &Store, dir: &std::path::Path) -> Result<(), ServeError
         reason,
     };
     let tail = store.tail(STARTUP_CHECK_EVENTS)?;
-    let mut verifier = Verifier::new();
+    let horizon = store.horizon();
+    // Starting at the horizon, its prev_hash must link to the last pruned event.
+    let mut verifier = match (tail.first(), horizon.last_pruned_id) {
+        (Some(first), Some(id)) if first.seq == horizon.first_seq() => {
+            Verifier::after(horizon.pruned_through, id, horizon.last_pruned_hash)
+        }
+        _ => Verifier::new(),
+    };
     for event in &tail {
         let info =
             crate::chain::inspect_line(event.line.as_bytes()).map_err(|r| broken(event.seq, r))?;
@@ -167,6 +175,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             auth: opts.auth,
             max_events_per_request: opts.max_events_per_request,
             max_body_bytes: opts.max_body_bytes,
+            archive: opts.retention.archive.clone(),
         }),
         streams: Arc::new(StreamSlots::new(opts.max_connections)),
         stream: StreamConfig {
@@ -204,6 +213,19 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         opts.checkpoint_interval,
         shutdown.clone(),
     ));
+    if opts.retention.is_bounded() {
+        if opts.retention.retain_bytes.is_some() {
+            let bytes = store.count_chunk_bytes()?;
+            tracing::info!(bytes, "counted the stored log's bytes for --retain-bytes");
+        }
+        tracing::info!(policy = ?opts.retention, "retention: the pruner is running");
+        tokio::spawn(crate::retention::run(
+            store.clone(),
+            checkpoints.clone(),
+            opts.retention.clone(),
+            shutdown.clone(),
+        ));
+    }
     serve_http(listener, api::router(state), shutdown, connections).await;
     // Delivery tasks hold a Writer handle (to subscribe): they end before it is drained.
     webhooks.stopped().await;

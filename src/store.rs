@@ -11,6 +11,16 @@
 //! | `s` ‖ first seq (8 B, big-endian) | the chunk's ULID (the seq index) |
 //! | `i` ‖ token id ‖ `0x00` ‖ key | an idempotency record |
 //! | `m` ‖ first leaf (8 B, big-endian) | Merkle tree hashes written by a run of leaves: leaf count (8 B), then (stored-hash index (8 B), hash (32 B)) pairs |
+//! | `h` | the retention horizon ([`Horizon`]): last pruned seq, id and hash; absent until a prune |
+//! | `n` | the tree size when signed checkpoints started being noted (8 B): blocks below it count as cut |
+//! | `c` ‖ block (8 B) | a signed checkpoint's size falls inside this 64-leaf block (value empty) |
+//! | `k` ‖ block (8 B) | leaf hashes of pruned leaves of this block, from its first leaf on (32 B each) |
+//!
+//! Retention (`docs/retention.md`) removes whole chunks oldest first ([`Store::prune`]),
+//! their seq index entries, and writes the horizon, in one batch. The `m` hashes are
+//! never removed; the leaf hashes of a pruned block are kept (`k`) only where proofs need
+//! the tree's lower levels: the block the horizon falls in, and blocks a signed
+//! checkpoint's size cuts.
 //!
 //! The Merkle hashes ([`crate::merkle`]) are written in the same batch as the events they
 //! cover, so the tree and the log never disagree after a crash. The hash at stored-hash
@@ -70,6 +80,14 @@ const EVENT_PREFIX: u8 = b'e';
 const SEQ_PREFIX: u8 = b's';
 const IDEMPOTENCY_PREFIX: u8 = b'i';
 const TREE_PREFIX: u8 = b'm';
+const HORIZON_KEY: &[u8] = b"h";
+const NOTED_FROM_KEY: &[u8] = b"n";
+const CUT_PREFIX: u8 = b'c';
+const KEPT_PREFIX: u8 = b'k';
+/// Leaves per block of the tree's unstored lower levels (see [`crate::merkle`]).
+const BLOCK_LEAVES: u64 = 1 << crate::merkle::STORED_FROM_LEVEL;
+/// Most chunks one prune batch removes (about 64k events): bounds its memory.
+const PRUNE_BATCH_CHUNKS: usize = 256;
 /// Leaves per tree value: with the tree's lower levels not stored, about 16 KiB.
 const TREE_LEAVES_PER_VALUE: u64 = 16_384;
 
@@ -90,6 +108,8 @@ pub enum StoreError {
     NoLog(PathBuf),
     #[error("corrupt record in the log: {0}")]
     Corrupt(String),
+    #[error("pruned by retention: {0}")]
+    Pruned(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -124,6 +144,48 @@ impl Head {
             timestamp: Some(timestamp),
         })
     }
+}
+
+/// Where the retained log starts: everything up to `pruned_through` was removed by
+/// retention. The first retained event's `prev_hash` is `last_pruned_hash`, so the
+/// chain is verified from the horizon on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Horizon {
+    /// The last pruned seq (0: nothing was pruned).
+    pub pruned_through: u64,
+    /// The last pruned event's id.
+    pub last_pruned_id: Option<Ulid>,
+    /// The last pruned event's hash (zeros when nothing was pruned).
+    pub last_pruned_hash: [u8; 32],
+}
+
+impl Horizon {
+    /// The first retained seq (on a non-empty log).
+    pub fn first_seq(&self) -> u64 {
+        self.pruned_through + 1
+    }
+
+    /// Whether events after `cursor` (a `since`) were pruned: a read from it starts at
+    /// the horizon and must say so.
+    pub fn cuts(&self, cursor: Ulid) -> bool {
+        self.last_pruned_id.is_some_and(|last| cursor < last)
+    }
+}
+
+/// What one prune removed.
+#[derive(Debug, Clone)]
+pub struct Pruned {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub chunks: usize,
+    pub horizon: Horizon,
+}
+
+/// Which events a prune may remove: those with `seq <= max_seq` and `id <= max_id`.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneLimit {
+    pub max_seq: u64,
+    pub max_id: Ulid,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +366,19 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result
     File::open(dir)?.sync_all()
 }
 
+fn block_key(prefix: u8, block: u64) -> [u8; 9] {
+    let mut k = [prefix; 9];
+    k[1..].copy_from_slice(&block.to_be_bytes());
+    k
+}
+
+fn seq_from_key(key: &[u8]) -> Result<u64> {
+    key.get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt("malformed seq index key".into()))
+}
+
 fn tree_key(index: u64) -> [u8; 9] {
     let mut k = [TREE_PREFIX; 9];
     k[1..].copy_from_slice(&index.to_be_bytes());
@@ -349,6 +424,8 @@ pub struct CommitBatch {
     /// Chunks compressed and thrown away because they were too large.
     #[cfg(test)]
     splits: usize,
+    /// Compressed chunk bytes added (for `--retain-bytes`).
+    chunk_bytes: u64,
 }
 
 impl CommitBatch {
@@ -392,6 +469,7 @@ impl CommitBatch {
             self.add_chunk(right);
             return;
         }
+        self.chunk_bytes += value.len() as u64;
         self.batch.insert(&event_key(first.id)[..], value);
         self.batch
             .insert(&seq_key(first.seq)[..], &first.id.0.to_be_bytes()[..]);
@@ -446,6 +524,15 @@ pub struct Store {
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     committed: RwLock<Head>,
     chunk_cache: quick_cache::sync::Cache<u128, Arc<Vec<Event>>>,
+    horizon: RwLock<Horizon>,
+    /// Held (shared) by reads that combine kept leaf hashes with events, and
+    /// (exclusively) while a prune's batch is applied, so they never see half of it.
+    pruning: RwLock<()>,
+    /// Compressed bytes of the retained chunks, once counted ([`Store::count_chunk_bytes`]).
+    chunk_bytes: std::sync::atomic::AtomicU64,
+    chunk_bytes_counted: std::sync::atomic::AtomicBool,
+    /// The tree size from which signed checkpoints are noted (`n`).
+    noted_from: u64,
     _dir: DataDir,
 }
 
@@ -547,8 +634,20 @@ impl Store {
             synced_blobs: Default::default(),
             committed: RwLock::new(Head::EMPTY),
             chunk_cache: quick_cache::sync::Cache::new(CHUNK_CACHE_ENTRIES),
+            horizon: RwLock::new(Horizon::default()),
+            pruning: RwLock::new(()),
+            chunk_bytes: Default::default(),
+            chunk_bytes_counted: Default::default(),
+            noted_from: 0,
             _dir: dir,
         };
+        let mut store = store;
+        if let Some(bytes) = store.log.get(HORIZON_KEY)? {
+            let (horizon, _) =
+                bincode::serde::decode_from_slice::<Horizon, _>(&bytes, bincode_config())
+                    .map_err(|e| StoreError::Corrupt(format!("horizon record: {e}")))?;
+            store.horizon = RwLock::new(horizon);
+        }
         let head = match store.last_chunk()? {
             Some(chunk) => match chunk.last() {
                 Some(last) => Head::of(last)?,
@@ -556,8 +655,245 @@ impl Store {
             },
             None => Head::EMPTY,
         };
+        store.noted_from = match store.log.get(NOTED_FROM_KEY)? {
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("malformed noted-from record".into()))?,
+            None => {
+                // Checkpoints signed before this record existed were not noted: count
+                // every block up to the head as cut (their leaf hashes are kept).
+                store
+                    .log
+                    .insert(NOTED_FROM_KEY, &head.seq.to_be_bytes()[..])?;
+                store.db.flush()?;
+                head.seq
+            }
+        };
         store.set_committed(head);
         Ok(store)
+    }
+
+    /// The retention horizon (webhooks read it to count what they skipped).
+    pub fn horizon(&self) -> Horizon {
+        *self.horizon.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The first retained event's seq and id; `None` on an empty log.
+    pub fn first_retained(&self) -> Result<Option<(u64, Ulid)>> {
+        if self.head().seq == 0 {
+            return Ok(None);
+        }
+        let first = self.horizon().first_seq();
+        Ok(self.get_by_seq(first)?.map(|e| (e.seq, e.id)))
+    }
+
+    /// Counts the compressed bytes of the stored chunks (one pass over the log), which
+    /// appends then keep up to date: what `--retain-bytes` bounds.
+    pub fn count_chunk_bytes(&self) -> Result<u64> {
+        let mut total = 0u64;
+        for kv in self
+            .log
+            .range(&event_key(Ulid(0))[..]..=&event_key(Ulid(u128::MAX))[..])
+        {
+            total += kv?.1.len() as u64;
+        }
+        self.chunk_bytes
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.chunk_bytes_counted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(total)
+    }
+
+    /// Compressed bytes of the retained chunks (valid after [`Store::count_chunk_bytes`]).
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// [`Store::chunk_bytes`], if it was counted.
+    pub fn counted_chunk_bytes(&self) -> Option<u64> {
+        self.chunk_bytes_counted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.chunk_bytes())
+    }
+
+    /// Whether a signed checkpoint's size may fall inside `block` (its leaf hashes are
+    /// then kept when it is pruned).
+    fn block_is_cut(&self, block: u64) -> Result<bool> {
+        Ok(block * BLOCK_LEAVES < self.noted_from
+            || self.log.contains_key(block_key(CUT_PREFIX, block))?)
+    }
+
+    /// Records, durably, that a checkpoint of `size` leaves is about to be signed, so
+    /// pruning keeps the lower tree levels its proofs need. Call before signing it.
+    pub fn note_checkpoint(&self, size: u64) -> Result<()> {
+        let block = size / BLOCK_LEAVES;
+        if size.is_multiple_of(BLOCK_LEAVES) || self.block_is_cut(block)? {
+            return Ok(());
+        }
+        self.log.insert(block_key(CUT_PREFIX, block), &[][..])?;
+        self.sync()
+    }
+
+    /// Removes whole chunks, oldest first, whose events are all within `limit`, never
+    /// the last event, and at most [`PRUNE_BATCH_CHUNKS`] chunks (call again for more).
+    /// `archive` gets the events first and must have made them durable when it returns
+    /// `Ok`; then one batch removes them and records the new horizon. `None` when no
+    /// whole chunk is within the limit.
+    pub fn prune(
+        &self,
+        limit: PruneLimit,
+        archive: &mut dyn FnMut(&[Event]) -> Result<()>,
+    ) -> Result<Option<Pruned>> {
+        let horizon = self.horizon();
+        let max_seq = limit.max_seq.min(self.head().seq.saturating_sub(1));
+        if max_seq <= horizon.pruned_through {
+            return Ok(None);
+        }
+        // Chunks in seq order: each one ends where the next begins, so a chunk is
+        // only taken when a later one exists (the last event stays).
+        let mut starts = self
+            .log
+            .range(&seq_key(horizon.first_seq())[..]..=&seq_key(u64::MAX)[..])
+            .peekable();
+        let mut chunks: Vec<(u64, Ulid)> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
+        while let Some(kv) = starts.next() {
+            if chunks.len() >= PRUNE_BATCH_CHUNKS {
+                break;
+            }
+            let Some(next) = starts.peek() else { break };
+            let next_seq = match next {
+                Ok((k, _)) => seq_from_key(k)?,
+                Err(e) => return Err(e.clone().into()),
+            };
+            if next_seq - 1 > max_seq {
+                break;
+            }
+            let (k, v) = kv?;
+            let seq = seq_from_key(&k)?;
+            let id = Ulid(u128::from_be_bytes(v.as_ref().try_into().map_err(
+                |_| StoreError::Corrupt("malformed seq index entry".into()),
+            )?));
+            let chunk = self
+                .chunk(&event_key(id))?
+                .ok_or_else(|| StoreError::Corrupt(format!("chunk of seq {seq} is missing")))?;
+            match chunk.last() {
+                Some(last) if last.id <= limit.max_id && last.seq == next_seq - 1 => {}
+                Some(last) if last.seq != next_seq - 1 => {
+                    return Err(StoreError::Corrupt(format!(
+                        "chunk of seq {seq} ends at {}, the next begins at {next_seq}",
+                        last.seq
+                    )));
+                }
+                _ => break,
+            }
+            if chunk.first().map(|e| e.seq) != Some(horizon.first_seq() + events.len() as u64) {
+                return Err(StoreError::Corrupt(format!(
+                    "chunk of seq {seq} is out of place"
+                )));
+            }
+            events.extend(chunk.iter().cloned());
+            chunks.push((seq, id));
+        }
+        let Some(last) = events.last() else {
+            return Ok(None);
+        };
+        archive(&events)?;
+        let new_horizon = Horizon {
+            pruned_through: last.seq,
+            last_pruned_id: Some(last.id),
+            last_pruned_hash: chain::stated_hash(last.line.as_bytes())
+                .map_err(StoreError::Corrupt)?,
+        };
+        let mut batch = sled::Batch::default();
+        let mut removed_bytes = 0u64;
+        for (seq, id) in &chunks {
+            if let Some(v) = self.log.get(event_key(*id))? {
+                removed_bytes += v.len() as u64;
+            }
+            batch.remove(&event_key(*id)[..]);
+            batch.remove(&seq_key(*seq)[..]);
+        }
+        self.keep_leaf_hashes(&mut batch, &events, new_horizon.pruned_through)?;
+        let record = bincode::serde::encode_to_vec(new_horizon, bincode_config())
+            .map_err(|e| StoreError::Corrupt(format!("horizon record: {e}")))?;
+        batch.insert(HORIZON_KEY, record);
+        {
+            let _exclusive = self.pruning.write().unwrap_or_else(|p| p.into_inner());
+            self.log.apply_batch(batch)?;
+            *self.horizon.write().unwrap_or_else(|p| p.into_inner()) = new_horizon;
+        }
+        self.sync()?;
+        for (_, id) in &chunks {
+            self.chunk_cache.remove(&id.0);
+        }
+        let _ = self.chunk_bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |b| Some(b.saturating_sub(removed_bytes)),
+        );
+        Ok(Some(Pruned {
+            first_seq: horizon.first_seq(),
+            last_seq: new_horizon.pruned_through,
+            chunks: chunks.len(),
+            horizon: new_horizon,
+        }))
+    }
+
+    /// Adds to `batch` the kept leaf hashes of the blocks `pruned` (consecutive events,
+    /// the last one at `pruned_through`) touches: kept where a signed checkpoint cuts
+    /// the block, or where the horizon now falls inside it; dropped otherwise.
+    fn keep_leaf_hashes(
+        &self,
+        batch: &mut sled::Batch,
+        pruned: &[Event],
+        pruned_through: u64,
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < pruned.len() {
+            let leaf = pruned[i].seq - 1;
+            let block = leaf / BLOCK_LEAVES;
+            let block_end = (block + 1) * BLOCK_LEAVES;
+            let n = ((block_end - leaf) as usize).min(pruned.len() - i);
+            let mut value = self
+                .log
+                .get(block_key(KEPT_PREFIX, block))?
+                .map(|v| v.to_vec())
+                .unwrap_or_default();
+            if (value.len() / 32) as u64 != leaf - block * BLOCK_LEAVES {
+                return Err(StoreError::Corrupt(format!(
+                    "kept leaf hashes of block {block} end at {}, expected {leaf}",
+                    block * BLOCK_LEAVES + (value.len() / 32) as u64
+                )));
+            }
+            for event in &pruned[i..i + n] {
+                value.extend_from_slice(
+                    &chain::stated_hash(event.line.as_bytes()).map_err(StoreError::Corrupt)?,
+                );
+            }
+            let horizon_inside = pruned_through < block_end;
+            if horizon_inside || self.block_is_cut(block)? {
+                batch.insert(&block_key(KEPT_PREFIX, block)[..], value);
+            } else {
+                batch.remove(&block_key(KEPT_PREFIX, block)[..]);
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// A pruned leaf's hash, if it was kept.
+    fn kept_leaf_hash(&self, leaf: u64) -> Result<Option<[u8; 32]>> {
+        let block = leaf / BLOCK_LEAVES;
+        let Some(value) = self.log.get(block_key(KEPT_PREFIX, block))? else {
+            return Ok(None);
+        };
+        let at = ((leaf - block * BLOCK_LEAVES) * 32) as usize;
+        Ok(value
+            .get(at..at + 32)
+            .and_then(|h| <[u8; 32]>::try_from(h).ok()))
     }
 
     /// The newest durable event.
@@ -579,6 +915,8 @@ impl Store {
     /// Writes a group commit (not yet durable: see [`Store::sync`]).
     pub fn apply(&self, batch: CommitBatch) -> Result<()> {
         self.log.apply_batch(batch.batch)?;
+        self.chunk_bytes
+            .fetch_add(batch.chunk_bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -688,6 +1026,56 @@ impl Store {
             .ok()
             .map(|i| chunk[i].clone())
             .filter(|e| e.seq <= head_seq))
+    }
+
+    /// The seq of the newest retained committed event with id ≤ `id`.
+    pub fn last_seq_at_or_before(&self, id: Ulid) -> Result<Option<u64>> {
+        let head_seq = self.head().seq;
+        let Some(key) = self.chunk_key_at_or_before(id)? else {
+            return Ok(None);
+        };
+        let Some(chunk) = self.chunk(&key)? else {
+            return Ok(None);
+        };
+        let n = chunk.partition_point(|e| e.id <= id);
+        Ok(n.checked_sub(1)
+            .and_then(|i| chunk.get(i))
+            .map(|e| e.seq.min(head_seq)))
+    }
+
+    /// The last seq of the oldest run of retained chunks whose compressed size reaches
+    /// `bytes` (what `--retain-bytes` removes to get back under its bound).
+    pub fn seq_freeing(&self, bytes: u64) -> Result<u64> {
+        let first = self.horizon().first_seq();
+        let mut freed = 0u64;
+        let mut last = first.saturating_sub(1);
+        let mut starts = self
+            .log
+            .range(&seq_key(first)[..]..=&seq_key(u64::MAX)[..])
+            .peekable();
+        while let Some(kv) = starts.next() {
+            if freed >= bytes {
+                break;
+            }
+            let (_, v) = kv?;
+            let Some(next) = starts.peek() else { break };
+            let next_seq = match next {
+                Ok((k, _)) => seq_from_key(k)?,
+                Err(e) => return Err(e.clone().into()),
+            };
+            let id = u128::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("malformed seq index entry".into()))?,
+            );
+            // The value's length is what sled returns; sizes are cheap next to a decode.
+            freed += self
+                .log
+                .get(event_key(Ulid(id)))?
+                .map_or(0, |v| v.len() as u64);
+            last = next_seq - 1;
+        }
+        Ok(last)
     }
 
     /// The committed event at position `seq` (1-based).
@@ -825,6 +1213,17 @@ impl Store {
         }
         let mut out = Vec::with_capacity(count as usize);
         let mut seq = first_seq;
+        let _shared = self.pruning.read().unwrap_or_else(|p| p.into_inner());
+        let pruned_through = self.horizon().pruned_through;
+        while seq < end && seq <= pruned_through {
+            let hash = self.kept_leaf_hash(seq - 1)?.ok_or_else(|| {
+                StoreError::Pruned(format!(
+                    "event seq {seq} and the tree nodes below it were pruned"
+                ))
+            })?;
+            out.push(hash);
+            seq += 1;
+        }
         while seq < end {
             let chunk = self
                 .chunk_id_for_seq(seq)?
@@ -933,6 +1332,9 @@ pub struct Scan {
     from: ScanFrom,
     head_seq: u64,
     done: bool,
+    /// The seq the next chunk must start with: a prune that removed chunks ahead of
+    /// this scan shows as a jump, which ends the scan with an error, never a silent gap.
+    next_seq: Option<u64>,
 }
 
 impl Scan {
@@ -944,6 +1346,7 @@ impl Scan {
             from,
             head_seq,
             done: false,
+            next_seq: None,
         }
     }
 }
@@ -971,7 +1374,18 @@ impl Iterator for Scan {
             }
             match self.iter.next()? {
                 Ok((_, bytes)) => match decode_chunk(&bytes) {
-                    Ok(chunk) => self.current = chunk.into_iter(),
+                    Ok(chunk) => {
+                        let first = chunk.first().map_or(0, |e| e.seq);
+                        if self.next_seq.is_some_and(|expected| expected != first) {
+                            self.done = true;
+                            return Some(Err(StoreError::Pruned(format!(
+                                "events from seq {} were pruned while this read was in progress",
+                                self.next_seq.unwrap_or_default()
+                            ))));
+                        }
+                        self.next_seq = chunk.last().map(|e| e.seq + 1);
+                        self.current = chunk.into_iter();
+                    }
                     Err(e) => {
                         self.done = true;
                         return Some(Err(e));

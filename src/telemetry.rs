@@ -24,6 +24,8 @@ const LOG_EVENTS: &str = "cairn_log_events";
 const LOG_BYTES: &str = "cairn_log_bytes";
 pub const WEBHOOK_DELIVERIES: &str = "cairn_webhook_deliveries_total";
 const WEBHOOK_LAG: &str = "cairn_webhook_lag_events";
+const LOG_STORED_BYTES: &str = "cairn_log_stored_bytes";
+const LOG_FIRST_SEQ: &str = "cairn_log_first_seq";
 
 /// Seconds: 50 µs to 5 s, about three buckets per decade.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -82,6 +84,15 @@ fn describe() {
         Unit::Bytes,
         "Bytes the log's database takes on disk."
     );
+    describe_gauge!(
+        LOG_STORED_BYTES,
+        Unit::Bytes,
+        "Compressed bytes of the retained events (what --retain-bytes bounds; with it only)."
+    );
+    describe_gauge!(
+        LOG_FIRST_SEQ,
+        "The first retained seq (retention's horizon)."
+    );
 }
 
 /// Sets a webhook's lag gauge (at scrape time, and to 0 when it is deleted).
@@ -107,6 +118,10 @@ pub fn render(
     metrics::counter!(STREAM_CATCHUP).absolute(stream_stats.catchups.load(Ordering::Relaxed));
     metrics::gauge!(LOG_EVENTS).set(store.head().seq as f64);
     metrics::gauge!(LOG_BYTES).set(store.size_on_disk() as f64);
+    metrics::gauge!(LOG_FIRST_SEQ).set(store.horizon().first_seq() as f64);
+    if let Some(bytes) = store.counted_chunk_bytes() {
+        metrics::gauge!(LOG_STORED_BYTES).set(bytes as f64);
+    }
     handle.run_upkeep();
     handle.render()
 }

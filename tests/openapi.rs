@@ -39,6 +39,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/webhooks/{id}"),
     ("patch", "/v1/webhooks/{id}"),
     ("delete", "/v1/webhooks/{id}"),
+    ("post", "/v1/admin/prune"),
 ];
 
 /// Routes that need no token.

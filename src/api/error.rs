@@ -32,6 +32,7 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     TooManyConnections,
     WebsocketRequired,
+    Gone,
     Internal,
 }
 
@@ -50,6 +51,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::WebsocketRequired => "websocket_required",
+            ErrorCode::Gone => "gone",
             ErrorCode::Internal => "internal",
         }
     }
@@ -104,6 +106,11 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+    }
+
+    /// Pruned by retention (SPEC §8).
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GONE, ErrorCode::Gone, message)
     }
 
     pub fn internal(message: impl std::fmt::Display) -> Self {

@@ -9,6 +9,7 @@ mod openapi;
 mod ops;
 mod proofs;
 mod read;
+mod retention;
 mod stream;
 mod tokens;
 mod webhooks;
@@ -23,6 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorCode};
+pub use read::PRUNED_BEFORE_HEADER;
 pub use stream::{StreamConfig, StreamSlots};
 pub use webhooks::{WebhookJson, webhook_json};
 
@@ -38,6 +40,8 @@ pub struct ApiConfig {
     pub auth: bool,
     pub max_events_per_request: usize,
     pub max_body_bytes: usize,
+    /// `--archive`: where pruned events are written first.
+    pub archive: Option<std::path::PathBuf>,
 }
 
 /// Everything a handler may use.
@@ -96,6 +100,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(tokens::revoke))
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::show, webhooks::update, webhooks::delete))
+        .routes(routes!(retention::prune))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))
         .routes(routes!(openapi::openapi_json))

@@ -51,6 +51,7 @@ pub use super::error::Body as Error;
         (name = "proofs", description = "Signed checkpoints and Merkle proofs"),
         (name = "tokens", description = "Token management (role admin)"),
         (name = "webhooks", description = "Durable push of events to a URL, signed per Standard Webhooks (role admin)"),
+        (name = "admin", description = "Retention: the manual prune (role admin)"),
         (name = "operations", description = "Health, metrics, the dashboard and this document"),
     )
 )]
@@ -234,6 +235,11 @@ pub mod wire {
         /// back as `since` (asc) or `until` (desc) with the same other parameters.
         #[schema(value_type = Option<EventId>, required = true)]
         next: Option<String>,
+        /// Present when the range starts before the retention horizon: the first
+        /// retained id (the page starts there; SPEC §8).
+        #[schema(value_type = Option<EventId>)]
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pruned_before: Option<String>,
     }
 
     /// One event to append (`event::validate_event`). Every problem is reported, each

@@ -110,6 +110,8 @@ pub struct ConsistencyProof {
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 404, description = "The event is outside the token's types allow-list",
             body = openapi::Error),
+        (status = 410, description = "The event was pruned by retention (code `gone`)",
+            body = openapi::Error),
     )
 )]
 pub async fn inclusion(
@@ -137,6 +139,13 @@ pub async fn inclusion(
             "size",
             format!("must not exceed the head ({head})"),
         ));
+    }
+    let horizon = state.store.horizon();
+    if seq <= horizon.pruned_through {
+        return Err(ApiError::gone(format!(
+            "event seq {seq} was pruned by retention; the log now starts at seq {}",
+            horizon.first_seq()
+        )));
     }
     let store = state.store.clone();
     let allowed = caller.allowed_types.clone();
@@ -182,6 +191,8 @@ pub async fn inclusion(
         (status = 400, description = "A missing, malformed or out-of-range parameter, named \
             in `details`", body = openapi::Error),
         (status = 401, description = "No valid token", body = openapi::Error),
+        (status = 410, description = "`from` is not a signed checkpoint's size and the tree \
+            nodes it needs were pruned (code `gone`)", body = openapi::Error),
     )
 )]
 pub async fn consistency(
@@ -227,6 +238,7 @@ fn required(params: &HashMap<String, String>, name: &str) -> Result<u64, ApiErro
 fn proof_error(e: ProofError) -> ApiError {
     match e {
         ProofError::OutOfRange(m) => ApiError::bad_request(m),
+        ProofError::Store(crate::store::StoreError::Pruned(m)) => ApiError::gone(m),
         e => ApiError::internal(e),
     }
 }

@@ -26,6 +26,8 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 /// Export bodies are sent in pieces of about this size.
 const EXPORT_PIECE_BYTES: usize = 64 * 1024;
+/// On an export whose range starts before the horizon: the first retained id.
+pub const PRUNED_BEFORE_HEADER: &str = "cairn-pruned-before";
 
 /// The newest event of the log (or of a verified range). On an empty log `seq` is 0,
 /// `id` and `timestamp` are null and `hash` is 64 zeros, so the next event's `prev_hash`
@@ -41,6 +43,33 @@ pub struct HeadJson {
     hash: String,
     #[schema(value_type = Option<Timestamp>)]
     timestamp: Option<String>,
+}
+
+/// `/v1/head`: the newest event, and the horizon (the first retained event: seq 1 and
+/// the first id when nothing was pruned; 0 and null on an empty log).
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogHead {
+    seq: u64,
+    #[schema(value_type = Option<EventId>)]
+    id: Option<String>,
+    #[schema(value_type = Hash)]
+    hash: String,
+    #[schema(value_type = Option<Timestamp>)]
+    timestamp: Option<String>,
+    /// The first retained seq.
+    first_seq: u64,
+    /// The first retained id.
+    #[schema(value_type = Option<EventId>)]
+    first_id: Option<String>,
+}
+
+/// A 410 for a read of pruned events.
+fn gone(what: String, store: &Store) -> ApiError {
+    let first = store.horizon().first_seq();
+    ApiError::gone(format!(
+        "{what} was pruned by retention; the log now starts at seq {first}"
+    ))
 }
 
 pub fn head_json(head: &Head) -> HeadJson {
@@ -184,9 +213,13 @@ pub async fn query(
         Some(_) => return Err(ApiError::bad_param("order", "must be asc or desc")),
     };
     let store = state.store.clone();
-    let page = tokio::task::spawn_blocking(move || read_page(&store, &selection, limit, order))
-        .await
-        .map_err(ApiError::internal)??;
+    let (page, pruned_before) = tokio::task::spawn_blocking(move || {
+        let pruned_before =
+            crate::retention::pruned_before(&store.horizon(), &store, selection.after);
+        read_page(&store, &selection, limit, order).map(|page| (page, pruned_before))
+    })
+    .await
+    .map_err(ApiError::internal)??;
 
     // Events are stored as JCS lines: the body is assembled around them, never re-encoded.
     let has_more = page.len() > limit;
@@ -207,6 +240,11 @@ pub async fn query(
             body.push('"');
         }
         None => body.push_str("null"),
+    }
+    if let Some(id) = pruned_before {
+        body.push_str(",\"pruned_before\":\"");
+        body.push_str(&id);
+        body.push('"');
     }
     body.push('}');
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
@@ -266,6 +304,7 @@ fn read_page(
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 404, description = "No such event (also for a malformed id, and for an event \
             outside the token's types allow-list)", body = openapi::Error),
+        (status = 410, description = "Pruned by retention (code `gone`)", body = openapi::Error),
     )
 )]
 pub async fn event_by_id(
@@ -283,6 +322,14 @@ pub async fn event_by_id(
         return Err(not_found());
     };
     let store = state.store.clone();
+    let pruned = state
+        .store
+        .horizon()
+        .last_pruned_id
+        .is_some_and(|last| ulid <= last);
+    if pruned {
+        return Err(gone(format!("event {id}"), &state.store));
+    }
     let event = tokio::task::spawn_blocking(move || store.get(ulid))
         .await
         .map_err(ApiError::internal)?
@@ -306,17 +353,33 @@ pub async fn event_by_id(
     tag = "events",
     security(("bearer" = []), ("query_token" = [])),
     responses(
-        (status = 200, description = "The head", body = Envelope<HeadJson>),
+        (status = 200, description = "The head and the horizon", body = Envelope<LogHead>),
         (status = 401, description = "No valid token", body = openapi::Error),
     )
 )]
 pub async fn head(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<axum::Json<Envelope<HeadJson>>, ApiError> {
+) -> Result<axum::Json<Envelope<LogHead>>, ApiError> {
     caller.require(Role::Read)?;
+    let store = state.store.clone();
+    let (head, first) = tokio::task::spawn_blocking(move || {
+        let head = store.head();
+        store.first_retained().map(|first| (head, first))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let h = head_json(&head);
     Ok(axum::Json(Envelope {
-        data: head_json(&state.store.head()),
+        data: LogHead {
+            seq: h.seq,
+            id: h.id,
+            hash: h.hash,
+            timestamp: h.timestamp,
+            first_seq: first.map_or(0, |(seq, _)| seq),
+            first_id: first.map(|(_, id)| id.to_string()),
+        },
     }))
 }
 
@@ -332,7 +395,9 @@ pub async fn head(
     params(openapi::SelectionParams),
     responses(
         (status = 200, description = "One event per line", body = String,
-            content_type = "application/x-ndjson"),
+            content_type = "application/x-ndjson",
+            headers(("Cairn-Pruned-Before" = String, description = "Present when the range \
+                starts before the horizon: the first retained id (the export starts there)"))),
         (status = 400, description = "A malformed parameter, named in `details`",
             body = openapi::Error),
         (status = 401, description = "No valid token", body = openapi::Error),
@@ -347,6 +412,8 @@ pub async fn export(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Read)?;
     let selection = Selection::from_params(&params, &caller)?;
+    let pruned_before =
+        crate::retention::pruned_before(&state.store.horizon(), &state.store, selection.after);
     let scan = state
         .store
         .scan_after(selection.after)
@@ -387,11 +454,17 @@ pub async fn export(
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Ok((
+    let mut response = (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response();
+    if let Some(id) = pruned_before
+        && let Ok(value) = header::HeaderValue::from_str(&id)
+    {
+        response.headers_mut().insert(PRUNED_BEFORE_HEADER, value);
+    }
+    Ok(response)
 }
 
 /// The outcome of a server-side chain check: `ok` tells which form it has.
@@ -434,7 +507,7 @@ pub struct VerifyBroken {
     security(("bearer" = []), ("query_token" = [])),
     params(
         ("from_seq" = Option<u64>, Query, minimum = 1,
-            description = "First seq to check (inclusive; default 1), at most the head seq"),
+            description = "First seq to check (inclusive; default the first retained seq), at most the head seq"),
         ("to_seq" = Option<u64>, Query, minimum = 1,
             description = "Last seq to check (inclusive; default the head seq), at most the head seq"),
     ),
@@ -445,6 +518,8 @@ pub struct VerifyBroken {
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 403, description = "The token has a types allow-list (verify reads every \
             event; use inclusion proofs)", body = openapi::Error),
+        (status = 410, description = "`from_seq` or `to_seq` was pruned (code `gone`)",
+            body = openapi::Error),
     )
 )]
 pub async fn verify(
@@ -459,9 +534,13 @@ pub async fn verify(
         ));
     }
     let head = state.store.head();
+    let first = state.store.horizon().first_seq();
     let seq_param = |name: &str, default: u64| -> Result<u64, ApiError> {
         match decimal_param(&params, name)? {
             None => Ok(default),
+            Some(n) if (1..first).contains(&n) && n <= head.seq => {
+                Err(gone(format!("seq {n}"), &state.store))
+            }
             Some(n) if (1..=head.seq).contains(&n) => Ok(n),
             Some(_) => Err(ApiError::bad_param(
                 name,
@@ -469,7 +548,7 @@ pub async fn verify(
             )),
         }
     };
-    let from_seq = seq_param("from_seq", 1)?;
+    let from_seq = seq_param("from_seq", first)?;
     let to_seq = seq_param("to_seq", head.seq)?;
     if from_seq > to_seq && head.seq > 0 {
         return Err(ApiError::bad_param(
@@ -485,7 +564,14 @@ pub async fn verify(
 }
 
 fn verify_range(store: &Store, from_seq: u64, to_seq: u64) -> Result<VerifyResult, ApiError> {
-    let mut verifier = if from_seq > 1 {
+    let horizon = store.horizon();
+    let mut verifier = if from_seq > 1 && from_seq == horizon.first_seq() {
+        // The horizon's prev_hash links to the last pruned event.
+        let id = horizon
+            .last_pruned_id
+            .ok_or_else(|| ApiError::internal("the horizon has no id"))?;
+        Verifier::after(horizon.pruned_through, id, horizon.last_pruned_hash)
+    } else if from_seq > 1 {
         let before = store
             .get_by_seq(from_seq - 1)
             .map_err(ApiError::internal)?

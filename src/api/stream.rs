@@ -114,6 +114,23 @@ pub(super) fn stream_selection(
     Selection::from_params(params, caller)
 }
 
+/// The horizon id when a stream from `cursor` starts there (events after it were pruned).
+pub(super) async fn pruned_before_blocking(
+    store: &Arc<crate::store::Store>,
+    cursor: Ulid,
+) -> Option<String> {
+    if !store.horizon().cuts(cursor) {
+        return None;
+    }
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::retention::pruned_before(&store.horizon(), &store, cursor)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// Where delivery starts: `Last-Event-ID` (non-empty) wins over `since`; else the head.
 pub(super) fn start_cursor(
     headers: &HeaderMap,
@@ -188,11 +205,14 @@ pub async fn stream(
         state.stream_stats.clone(),
     );
 
-    let connected = serde_json::json!({
+    let mut connected = serde_json::json!({
         "type": "connected",
         "cursor": start.to_string(),
         "head": head_json(&head),
     });
+    if let Some(id) = pruned_before_blocking(&state.store, start).await {
+        connected["pruned_before"] = id.into();
+    }
     let first = Bytes::from(format!(
         "retry: {RETRY_MS}\nid: {start}\nevent: connected\ndata: {connected}\n\n"
     ));

@@ -433,11 +433,15 @@ async fn close_socket(socket: &mut WebSocket, code: u16, reason: &str) {
 }
 
 fn connected_message(store: &Store, cursor: Ulid) -> Message {
-    let connected = serde_json::json!({
+    let mut connected = serde_json::json!({
         "type": "connected",
         "cursor": cursor.to_string(),
         "head": head_json(&store.head()),
     });
+    // A resume from before the horizon starts at it and says so (one chunk lookup).
+    if let Some(id) = crate::retention::pruned_before(&store.horizon(), store, cursor) {
+        connected["pruned_before"] = id.into();
+    }
     Message::Text(connected.to_string().into())
 }
 

@@ -195,6 +195,12 @@ async fn backfill(
     if !response.status().is_success() {
         return Err(error_of(response, &url).await);
     }
+    super::warn_pruned_before(
+        response
+            .headers()
+            .get(crate::api::PRUNED_BEFORE_HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
     let mut body = response.bytes_stream();
     let mut pending: Vec<u8> = Vec::new();
     while let Some(piece) = body.next().await {
@@ -297,6 +303,9 @@ async fn read_stream(
         let frame = frame.map_err(|e| format!("stream error: {e}"))?;
         *backoff = Duration::from_millis(250);
         if frame.event == "connected" {
+            if let Ok(connected) = serde_json::from_str::<serde_json::Value>(&frame.data) {
+                super::warn_pruned_before(connected["pruned_before"].as_str());
+            }
             // The start cursor: resuming from it loses nothing even before any event.
             // (`id:`-only frames are not dispatched by SSE parsers; without them a
             // reconnect merely rescans events the filter passed over.)

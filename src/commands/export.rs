@@ -12,6 +12,12 @@ pub fn run(args: &ExportArgs) -> Result<ExitCode, String> {
     let since = super::resolve_since(args.filter.since.as_deref().unwrap_or("earliest"));
     let query = super::filter_query(&args.filter, Some(&since), true);
     let mut response = client.get(&format!("/v1/export?{query}"))?;
+    super::warn_pruned_before(
+        response
+            .headers()
+            .get(crate::api::PRUNED_BEFORE_HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
     let mut progress = Progress::new();
     let mut buf = vec![0u8; 256 * 1024];

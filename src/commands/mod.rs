@@ -4,6 +4,7 @@ pub mod append;
 pub mod events;
 pub mod export;
 pub mod proof;
+pub mod prune;
 pub mod token;
 pub mod verify;
 pub mod webhook;
@@ -54,6 +55,16 @@ pub fn filter_query(
         }
     }
     serde_urlencoded::to_string(pairs).unwrap_or_default()
+}
+
+/// Warns on stderr when a read started before the retention horizon (`id`, the first
+/// retained event, from an export's header or a stream's `connected` frame).
+pub fn warn_pruned_before(id: Option<&str>) {
+    if let Some(id) = id {
+        eprintln!(
+            "cairn: warning: events before {id} were pruned by retention; continuing from there"
+        );
+    }
 }
 
 /// Reports progress on stderr at most once a second, and only to a terminal.

@@ -61,9 +61,31 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode, String> {
     } else if let Some(dir) = &args.data {
         let store = Store::open(DataDir::lock_existing(dir).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
+        let horizon = store.horizon();
+        if let Some(id) = horizon.last_pruned_id {
+            // From the horizon: its prev_hash must link to the last pruned event.
+            eprintln!(
+                "cairn: events 1..={} were pruned; checking the chain from seq {}",
+                horizon.pruned_through,
+                horizon.first_seq()
+            );
+            if args.expect_prev.is_none() {
+                verifier = Verifier::after(horizon.pruned_through, id, horizon.last_pruned_hash);
+            }
+        }
         verify_store(&store, &mut verifier, &mut progress)?
     } else if let Some(url) = &args.url {
         let client = Client::new(url, args.token.clone())?;
+        let head: serde_json::Value = client
+            .get("/v1/head")?
+            .json()
+            .map_err(|e| format!("/v1/head: {e}"))?;
+        let first_seq = head["data"]["first_seq"].as_u64().unwrap_or(0);
+        if first_seq > 1 {
+            eprintln!(
+                "cairn: events before seq {first_seq} were pruned; checking the chain from there"
+            );
+        }
         let response = client.get("/v1/export?since=earliest")?;
         verify_lines(
             std::io::BufReader::with_capacity(1 << 20, response),

@@ -1,0 +1,450 @@
+//! Retention (SPEC §8) against the real server: bounds settle at chunk granularity, the
+//! horizon is reported everywhere, proofs outlive pruned events, reads from before the
+//! horizon say so, archives plus an export verify, a kill between archive and removal
+//! loses nothing, and the manual prune works offline and remotely.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Server, cairn, wait_until};
+use serde_json::{Value, json};
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// Appends `n` events in requests of `per` (each request becomes its own chunks).
+fn append(server: &Server, n: usize, per: usize) {
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(per);
+        let events: Vec<Value> = (0..k)
+            .map(|i| json!({"type": "t", "data": {"i": i, "pad": "x".repeat(64)}}))
+            .collect();
+        let (status, body) = server.post_json(&json!({ "events": events }));
+        assert_eq!(status, 201, "{body}");
+        left -= k;
+    }
+}
+
+/// Waits until a checkpoint covers the head.
+fn wait_checkpoint_covers_head(server: &Server) {
+    let head = server.head()["seq"].as_u64().unwrap();
+    wait_until(SETTLE, "a checkpoint covering the head", || {
+        checkpoint_size(&server.get_text("/v1/checkpoint").1) >= head
+    });
+}
+
+fn checkpoint_size(note: &str) -> u64 {
+    note.lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every archive, decompressed, in name order, then `tail`: one NDJSON text.
+fn archives_then(dir: &Path, tail: &str) -> String {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().path())
+                .filter(|p| p.to_string_lossy().ends_with(".ndjson.zst"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut all = String::new();
+    for path in names {
+        let mut text = String::new();
+        zstd::Decoder::new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        all.push_str(&text);
+    }
+    all.push_str(tail);
+    all
+}
+
+fn verify_file(text: &str) -> (i32, String, String) {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), text).unwrap();
+    cairn(&["verify", "--file", tmp.path().to_str().unwrap()], &[])
+}
+
+#[test]
+fn retain_events_settles_and_everything_still_proves_itself() {
+    let archive = tempfile::tempdir().unwrap();
+    let dir = archive.path().join("archive");
+    let server = Server::start(&["--retain-events", "500", "--archive", dir.to_str().unwrap()]);
+    // A checkpoint an auditor saved before anything was pruned.
+    append(&server, 150, 50);
+    wait_checkpoint_covers_head(&server);
+    let key = server.get_text("/v1/checkpoint/key").1;
+    let saved = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(saved.path(), server.get_text("/v1/checkpoint").1).unwrap();
+    let first_id = server.head()["first_id"].as_str().unwrap().to_string();
+    assert_eq!(server.head()["first_seq"], 1);
+
+    append(&server, 2_850, 50);
+    wait_checkpoint_covers_head(&server);
+    wait_until(SETTLE, "the log to settle at the bound", || {
+        let h = server.head();
+        let retained = h["seq"].as_u64().unwrap() + 1 - h["first_seq"].as_u64().unwrap();
+        retained <= 500 + 50
+    });
+    let head = server.head();
+    let first_seq = head["first_seq"].as_u64().unwrap();
+    let retained = head["seq"].as_u64().unwrap() + 1 - first_seq;
+    assert!(retained >= 500, "pruned below the bound: {retained}");
+
+    // Verification starts at the horizon.
+    let (status, v) = server.get("/v1/verify");
+    assert_eq!(status, 200);
+    assert_eq!(v["data"]["ok"], true, "{v}");
+    assert_eq!(v["data"]["checked"].as_u64().unwrap(), retained);
+    let (status, v) = server.get("/v1/verify?from_seq=1");
+    assert_eq!((status, v["code"].as_str()), (410, Some("gone")), "{v}");
+    let url = format!("http://{}", server.addr);
+    let (code, out, err) = cairn(&["verify", "--url", &url, "--token", &server.token], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("pruned"), "{err}");
+
+    // Pruned event and its proof: 410; retained: proofs verify.
+    let (status, body) = server.get(&format!("/v1/events/{first_id}"));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
+    let (status, body) = server.get("/v1/proof/inclusion?seq=1");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
+    let (code, out, err) = cairn(
+        &[
+            "proof",
+            &first_seq.to_string(),
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let proof = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(proof.path(), &out).unwrap();
+    let (code, out, err) = cairn(
+        &[
+            "verify",
+            "--proof",
+            proof.path().to_str().unwrap(),
+            "--key",
+            key.trim(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The checkpoint saved before pruning is consistent with the newest.
+    let (code, out, err) = cairn(
+        &[
+            "verify",
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+            "--checkpoint",
+            saved.path().to_str().unwrap(),
+            "--key",
+            key.trim(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Reads from before the horizon start at it and say so.
+    let horizon_id = head["first_id"].as_str().unwrap().to_string();
+    let (status, page) = server.get("/v1/events?limit=1");
+    assert_eq!(status, 200);
+    assert_eq!(page["pruned_before"], horizon_id.as_str(), "{page}");
+    assert_eq!(page["data"][0]["seq"].as_u64(), Some(first_seq));
+    let (_, page) = server.get(&format!("/v1/events?limit=1&since={horizon_id}"));
+    assert!(page.get("pruned_before").is_none(), "{page}");
+    let r = server
+        .http()
+        .get(server.url("/v1/export?since=earliest"))
+        .bearer_auth(&server.token)
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.headers()["cairn-pruned-before"].to_str().unwrap(),
+        horizon_id
+    );
+    let (code, _, err) = cairn(&["export", "--url", &url, "--token", &server.token], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("warning") && err.contains(&horizon_id),
+        "{err}"
+    );
+    let (code, _, err) = cairn(&["events", "--url", &url, "--token", &server.token], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("warning") && err.contains(&horizon_id),
+        "{err}"
+    );
+
+    // SSE from before the horizon: the connected frame says so, the first event is it.
+    let mut sse = server
+        .http()
+        .get(server.url(&format!("/v1/events/stream?since={first_id}")))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while text.matches("\n\n").count() < 2 {
+        let n = sse.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let connected: Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.starts_with("data: ") && l.contains("\"type\":\"connected\""))
+            .unwrap()
+            .trim_start_matches("data: "),
+    )
+    .unwrap();
+    assert_eq!(connected["pruned_before"], horizon_id.as_str(), "{text}");
+    assert!(
+        text.contains(&format!("id: {horizon_id}\nevent: t")),
+        "{text}"
+    );
+    drop(sse);
+
+    // WebSocket: the same.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use futures_util::StreamExt;
+        let ws_url = format!(
+            "ws://{}/v1/events/ws?since={first_id}&token={}",
+            server.addr, server.token
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+        let first: Value =
+            serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+        assert_eq!(first["type"], "connected");
+        assert_eq!(first["pruned_before"], horizon_id.as_str());
+        let event: Value =
+            serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+        assert_eq!(event["seq"].as_u64(), Some(first_seq));
+    });
+
+    // Archives + the current export verify end to end, from seq 1.
+    let export = server.export_lines().join("\n") + "\n";
+    let all = archives_then(&dir, &export);
+    assert!(all.starts_with("{") && all.contains("\"seq\":1,"));
+    let (code, out, err) = verify_file(&all);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("{} events verified", head["seq"])),
+        "{out}"
+    );
+}
+
+#[test]
+fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
+    let server = Server::start(&["--checkpoint-interval", "1"]);
+    append(&server, 600, 100);
+    wait_checkpoint_covers_head(&server);
+    let url = format!("http://{}", server.addr);
+    let head = server.head();
+    let last_id = head["id"].as_str().unwrap().to_string();
+
+    // Remote: a cursor past everything prunes all but the last chunk, and says so.
+    let (code, out, err) = cairn(
+        &[
+            "prune",
+            "--before",
+            &last_id,
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("the last event"), "{err}");
+    let h = server.head();
+    assert_eq!(h["seq"], head["seq"]);
+    assert_eq!(h["first_seq"].as_u64(), Some(501), "{h}");
+    let (status, v) = server.get("/v1/verify");
+    assert_eq!(
+        (status, v["data"]["ok"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
+    let (code, _, err) = cairn(
+        &[
+            "prune",
+            "--before",
+            "earliest",
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("earliest"), "{err}");
+
+    // Events not yet covered by a checkpoint stay (a long interval keeps them uncovered).
+    let mut server = server;
+    let data = server.data.clone();
+    server.terminate();
+    let server = Server::start_on(&data, &["--checkpoint-interval", "3600"]);
+    append(&server, 300, 100);
+    let last_id = server.head()["id"].as_str().unwrap().to_string();
+    let (code, out, err) = cairn(
+        &[
+            "prune",
+            "--before",
+            &last_id,
+            "--url",
+            &url_of(&server),
+            "--token",
+            &server.token,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("not yet covered"), "{err}");
+    // Only the chunk the old checkpoint covered went.
+    assert_eq!(server.head()["first_seq"].as_u64(), Some(601));
+
+    // Offline on the stopped server's directory (the shutdown signed a checkpoint).
+    let mut server = server;
+    server.terminate();
+    let archive = tempfile::tempdir().unwrap();
+    let (code, out, err) = cairn(
+        &[
+            "prune",
+            "--before",
+            &last_id,
+            "--data",
+            data.to_str().unwrap(),
+            "--archive",
+            archive.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("starts at seq 801"), "{out}");
+    let (code, out, err) = cairn(&["verify", "--data", data.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("100 events verified"), "{out}");
+    // The server starts on the pruned log (its start-up check runs from the horizon).
+    let server = Server::start_on(&data, &[]);
+    assert_eq!(server.head()["first_seq"].as_u64(), Some(801));
+}
+
+fn url_of(server: &Server) -> String {
+    format!("http://{}", server.addr)
+}
+
+/// SIGKILL after an archive is durable but before its events are removed: nothing is
+/// lost, and the re-run replaces the stale archive so archives + export still verify.
+/// Uses the `CAIRN_TEST_STALL_AFTER_ARCHIVE` hook (docs/retention.md).
+#[test]
+fn a_kill_between_archive_and_removal_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dir = tmp.path().join("archive");
+    let mut server = Server::start_on(&data, &[]);
+    append(&server, 1_000, 100);
+    wait_checkpoint_covers_head(&server);
+    server.terminate();
+
+    let mut stalled = common::Server::launch(
+        &data,
+        &["--retain-events", "300", "--archive", dir.to_str().unwrap()],
+        &[("CAIRN_TEST_STALL_AFTER_ARCHIVE", "1")],
+    )
+    .unwrap();
+    wait_until(SETTLE, "an archive to be written", || {
+        std::fs::read_dir(&dir).is_ok_and(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().ends_with(".ndjson.zst"))
+        })
+    });
+    stalled.kill();
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "one archive, no temporary file"
+    );
+
+    let server = Server::start_on(
+        &data,
+        &["--retain-events", "300", "--archive", dir.to_str().unwrap()],
+    );
+    assert_eq!(server.head()["seq"].as_u64(), Some(1_000));
+    wait_until(SETTLE, "the prune to complete", || {
+        server.head()["first_seq"].as_u64().unwrap() > 1
+    });
+    let export = server.export_lines().join("\n") + "\n";
+    let (code, out, err) = verify_file(&archives_then(&dir, &export));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1000 events verified"), "{out}");
+}
+
+#[test]
+fn retain_for_and_retain_bytes_settle_at_their_bounds() {
+    // Age: everything older than 2 s goes, except the last chunk.
+    let server = Server::start(&["--retain-for", "2s"]);
+    append(&server, 500, 100);
+    wait_checkpoint_covers_head(&server);
+    wait_until(SETTLE, "events older than 2 s to be pruned", || {
+        server.head()["first_seq"].as_u64() == Some(401)
+    });
+    let (status, v) = server.get("/v1/verify");
+    assert_eq!(
+        (status, v["data"]["checked"].as_u64()),
+        (200, Some(100)),
+        "{v}"
+    );
+    assert_eq!(server.metric("cairn_log_first_seq"), 401.0);
+
+    // Size: the stored (compressed) events stay under the bound, a chunk or so below.
+    let bound = 40_000.0;
+    let server = Server::start(&["--retain-bytes", "40000"]);
+    append(&server, 3_000, 100);
+    wait_checkpoint_covers_head(&server);
+    wait_until(SETTLE, "the stored bytes to come under the bound", || {
+        server.metric("cairn_log_stored_bytes") <= bound
+    });
+    let stored = server.metric("cairn_log_stored_bytes");
+    let h = server.head();
+    let first = h["first_seq"].as_u64().unwrap();
+    assert!(first > 1, "{h}");
+    let per_event = stored / (3_001 - first) as f64;
+    assert!(
+        stored > bound - 100.0 * per_event * 2.0,
+        "pruned far below the bound: {stored} bytes"
+    );
+    let (status, v) = server.get("/v1/verify");
+    assert_eq!(
+        (status, v["data"]["ok"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
+}
