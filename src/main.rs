@@ -62,6 +62,13 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
         write_timeout: std::time::Duration::from_secs(args.write_timeout),
         origin: args.origin,
         checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval),
+        cluster: args.nats.map(|urls| cairn::cluster::ClusterOptions {
+            urls,
+            stream: args.nats_stream,
+            replicas: usize::from(args.nats_replicas),
+            node: args.node.unwrap_or_else(|| args.listen.to_string()),
+            lease: std::time::Duration::from_secs(args.nats_lease),
+        }),
     };
     runtime
         .block_on(server::run(opts))

@@ -39,6 +39,8 @@ pub struct ServeOptions {
     /// Checkpoint origin; generated at first start when absent.
     pub origin: Option<String>,
     pub checkpoint_interval: Duration,
+    /// Cluster mode (SPEC §6): the log of record is a NATS JetStream stream.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Metrics(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Re-derives the chain of the newest events; a break means the data was altered or
@@ -139,12 +143,30 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         );
     }
 
-    let (writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
+    let (mut writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
     let shutdown = CancellationToken::new();
+    // Cluster tasks stop on their own token, after the HTTP server: requests in flight
+    // still reach the sequencer while connections drain.
+    let cluster_stop = CancellationToken::new();
+    let cluster = match &opts.cluster {
+        Some(cluster_opts) => {
+            let cluster = crate::cluster::start(
+                cluster_opts,
+                store.clone(),
+                writer.clone(),
+                cluster_stop.clone(),
+            )
+            .await?;
+            writer.forward_to(cluster.forwarder.clone());
+            Some(cluster.status)
+        }
+        None => None,
+    };
     let connections = TaskTracker::new();
     let state = AppState {
         store: store.clone(),
         writer,
+        cluster,
         tokens,
         config: Arc::new(ApiConfig {
             auth: opts.auth,
@@ -187,6 +209,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         shutdown.clone(),
     ));
     serve_http(listener, api::router(state), shutdown, connections).await;
+    cluster_stop.cancel();
 
     // The router (and every Writer handle in it) is gone: the writer drains its queue.
     let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;

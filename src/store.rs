@@ -11,6 +11,7 @@
 //! | `s` ‖ first seq (8 B, big-endian) | the chunk's ULID (the seq index) |
 //! | `i` ‖ token id ‖ `0x00` ‖ key | an idempotency record |
 //! | `m` ‖ first leaf (8 B, big-endian) | Merkle tree hashes written by a run of leaves: leaf count (8 B), then (stored-hash index (8 B), hash (32 B)) pairs |
+//! | `p` | cluster mode: the stream sequence of the newest group applied from NATS (8 B, big-endian) |
 //!
 //! The Merkle hashes ([`crate::merkle`]) are written in the same batch as the events they
 //! cover, so the tree and the log never disagree after a crash. The hash at stored-hash
@@ -69,6 +70,7 @@ const EVENT_PREFIX: u8 = b'e';
 const SEQ_PREFIX: u8 = b's';
 const IDEMPOTENCY_PREFIX: u8 = b'i';
 const TREE_PREFIX: u8 = b'm';
+const STREAM_POSITION_KEY: &[u8] = b"p";
 /// Leaves per tree value: with the tree's lower levels not stored, about 16 KiB.
 const TREE_LEAVES_PER_VALUE: u64 = 16_384;
 
@@ -213,7 +215,8 @@ fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-fn encode_chunk(events: &[Event]) -> Vec<u8> {
+/// Events as one compressed chunk: the stored form, also the cluster's message form.
+pub(crate) fn encode_chunk(events: &[Event]) -> Vec<u8> {
     let stored: Vec<StoredEvent<'_>> = events
         .iter()
         .map(|e| StoredEvent {
@@ -229,7 +232,7 @@ fn encode_chunk(events: &[Event]) -> Vec<u8> {
     lz4_flex::compress_prepend_size(&plain)
 }
 
-fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
+pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
     let claimed = bytes
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -402,6 +405,12 @@ impl CommitBatch {
     pub fn remove_idempotency(&mut self, raw_key: Vec<u8>) {
         self.batch.remove(raw_key);
     }
+
+    /// Cluster mode: the stream sequence this batch brings the local copy up to.
+    pub fn set_stream_position(&mut self, stream_seq: u64) {
+        self.batch
+            .insert(STREAM_POSITION_KEY, &stream_seq.to_be_bytes()[..]);
+    }
 }
 
 pub struct Store {
@@ -547,6 +556,18 @@ impl Store {
     pub fn apply(&self, batch: CommitBatch) -> Result<()> {
         self.log.apply_batch(batch.batch)?;
         Ok(())
+    }
+
+    /// Cluster mode: the stream sequence of the newest applied group (0: none).
+    pub fn stream_position(&self) -> Result<u64> {
+        Ok(match self.log.get(STREAM_POSITION_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("malformed stream position".into()))?,
+            ),
+            None => 0,
+        })
     }
 
     /// Bytes the database takes on disk (0 if sled cannot tell).

@@ -32,6 +32,8 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     TooManyConnections,
     WebsocketRequired,
+    /// Cluster mode (SPEC §6): the log cannot be reached or this node has not caught up.
+    Unavailable,
     Internal,
 }
 
@@ -50,6 +52,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::WebsocketRequired => "websocket_required",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -106,6 +109,15 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
+    /// 503 with `Retry-After` (cluster mode: NATS unreachable, or not caught up).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            message,
+        )
+    }
+
     pub fn internal(message: impl std::fmt::Display) -> Self {
         tracing::error!(error = %message, "internal error");
         Self::new(
@@ -158,7 +170,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body(None))).into_response()
+        let retry = self.code == ErrorCode::Unavailable;
+        let mut response = (self.status, axum::Json(self.body(None))).into_response();
+        if retry {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
