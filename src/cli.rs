@@ -251,6 +251,22 @@ pub struct ServeArgs {
     /// Write pruned events here first, as cairn-<first>-<last>.ndjson.zst.
     #[arg(long, env = "CAIRN_ARCHIVE")]
     pub archive: Option<PathBuf>,
+    /// Cluster mode: the NATS servers (comma list of URLs) whose JetStream holds the log.
+    #[arg(long, env = "CAIRN_NATS", value_delimiter = ',')]
+    pub nats: Option<Vec<String>>,
+    /// Cluster mode: the JetStream stream that holds the log.
+    #[arg(long, env = "CAIRN_NATS_STREAM", default_value = "CAIRN", value_parser = stream_name)]
+    pub nats_stream: String,
+    /// Cluster mode: replicas of the stream when this node creates it.
+    #[arg(long, env = "CAIRN_NATS_REPLICAS", default_value_t = 3,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+    /// Cluster mode: this node's name (default: the listen address).
+    #[arg(long, env = "CAIRN_NODE")]
+    pub node: Option<String>,
+    /// Cluster mode: seconds a silent sequencer keeps its lease.
+    #[arg(long, env = "CAIRN_NATS_LEASE", default_value_t = 3, value_parser = seconds(), hide = true)]
+    pub nats_lease: u64,
 }
 
 fn fractional_seconds(s: &str) -> Result<f64, String> {
@@ -278,6 +294,19 @@ pub struct PruneArgs {
     /// Offline: write pruned events here first.
     #[arg(long)]
     pub archive: Option<PathBuf>,
+}
+
+/// A JetStream stream name that also works inside subjects and bucket names.
+fn stream_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("use 1 to 32 letters, digits, '_' or '-'".into())
+    }
 }
 
 /// Where a remote command finds the server.

@@ -16,6 +16,11 @@
 //!                                            live (lag → store; `subscribe` → reposition)
 //! checkpoint task: every second the log grew ─► merkle root ─► sign ─► data/checkpoint
 //! GET /v1/checkpoint, /v1/proof/* ─► api::proofs ─► merkle (O(log n) stored hashes)
+//!
+//! cluster mode (--nats): writer::append ─► cluster::forward ─► NATS ─► the sequencer
+//!   (seal on the stream's head ─► fenced publish ─► JetStream ack ─► reply)
+//! every node: cluster::applier (stream from its position) ─► writer (chain checked)
+//!   ─► the same store::apply, sync, committed, broadcast as above
 //! ```
 //!
 //! Start at [`writer`] (who appends, and when an event counts as committed), then
@@ -41,6 +46,7 @@
 //! | [`auth`] | tokens, roles, allow-lists, revocation |
 //! | [`webhook`] | webhooks: stored definitions and cursors, one delivery task each (a subscription, signed POSTs, retries) |
 //! | [`api`] | axum routes (ingest, read, SSE and WebSocket streams, proofs, tokens, ops), the error body, and the OpenAPI document built from the routes |
+//! | [`cluster`] | cluster mode on NATS JetStream: the stream applier (the writer's second source of groups), the sequencer and its lease, forwarding |
 //! | [`server`] | `cairn serve`: start-up checks, HTTP/1.1 serving, draining |
 //! | [`half_close`] | a client that shuts down its sending side still gets its response |
 //! | [`shutdown`] | SIGTERM/SIGINT |
@@ -53,6 +59,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod cursor;
 pub mod event;

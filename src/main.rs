@@ -72,6 +72,13 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
             retain_bytes: args.retain_bytes,
             archive: args.archive,
         },
+        cluster: args.nats.map(|urls| cairn::cluster::ClusterOptions {
+            urls,
+            stream: args.nats_stream,
+            replicas: usize::from(args.nats_replicas),
+            node: args.node.unwrap_or_else(|| args.listen.to_string()),
+            lease: std::time::Duration::from_secs(args.nats_lease),
+        }),
     };
     runtime
         .block_on(server::run(opts))

@@ -45,6 +45,8 @@ pub struct ServeOptions {
     /// The first retry delay of a failed webhook delivery.
     pub webhook_retry_initial: Duration,
     pub retention: crate::retention::Policy,
+    /// Cluster mode (SPEC §6): the log of record is a NATS JetStream stream.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,8 @@ pub enum ServeError {
     Metrics(String),
     #[error(transparent)]
     Webhook(#[from] crate::webhook::WebhookError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Re-derives the chain of the newest events; a break means the data was altered or
@@ -154,8 +158,25 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         );
     }
 
-    let (writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
+    let (mut writer, writer_thread) = Writer::start(store.clone(), opts.sync)?;
     let shutdown = CancellationToken::new();
+    // Cluster tasks stop on their own token, after the HTTP server: requests in flight
+    // still reach the sequencer while connections drain.
+    let cluster_stop = CancellationToken::new();
+    let cluster = match &opts.cluster {
+        Some(cluster_opts) => {
+            let cluster = crate::cluster::start(
+                cluster_opts,
+                store.clone(),
+                writer.clone(),
+                cluster_stop.clone(),
+            )
+            .await?;
+            writer.forward_to(cluster.forwarder.clone());
+            Some(cluster.status)
+        }
+        None => None,
+    };
     let connections = TaskTracker::new();
     let webhooks = Arc::new(Webhooks::start(
         store.clone(),
@@ -170,6 +191,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let state = AppState {
         store: store.clone(),
         writer,
+        cluster,
         tokens,
         config: Arc::new(ApiConfig {
             auth: opts.auth,
@@ -230,6 +252,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     // Delivery tasks hold a Writer handle (to subscribe): they end before it is drained.
     webhooks.stopped().await;
     drop(webhooks);
+    cluster_stop.cancel();
 
     // The router (and every Writer handle in it) is gone: the writer drains its queue.
     let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;

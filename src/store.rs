@@ -21,6 +21,7 @@
 //! never removed; the leaf hashes of a pruned block are kept (`k`) only where proofs need
 //! the tree's lower levels: the block the horizon falls in, and blocks a signed
 //! checkpoint's size cuts.
+//! | `p` | cluster mode: the stream sequence of the newest group applied from NATS (8 B, big-endian) |
 //!
 //! The Merkle hashes ([`crate::merkle`]) are written in the same batch as the events they
 //! cover, so the tree and the log never disagree after a crash. The hash at stored-hash
@@ -88,6 +89,7 @@ const KEPT_PREFIX: u8 = b'k';
 const BLOCK_LEAVES: u64 = 1 << crate::merkle::STORED_FROM_LEVEL;
 /// Most chunks one prune batch removes (about 64k events): bounds its memory.
 const PRUNE_BATCH_CHUNKS: usize = 256;
+const STREAM_POSITION_KEY: &[u8] = b"p";
 /// Leaves per tree value: with the tree's lower levels not stored, about 16 KiB.
 const TREE_LEAVES_PER_VALUE: u64 = 16_384;
 
@@ -276,7 +278,8 @@ fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-fn encode_chunk(events: &[Event]) -> Vec<u8> {
+/// Events as one compressed chunk: the stored form, also the cluster's message form.
+pub(crate) fn encode_chunk(events: &[Event]) -> Vec<u8> {
     let stored: Vec<StoredEvent<'_>> = events
         .iter()
         .map(|e| StoredEvent {
@@ -292,7 +295,7 @@ fn encode_chunk(events: &[Event]) -> Vec<u8> {
     lz4_flex::compress_prepend_size(&plain)
 }
 
-fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
+pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
     let claimed = bytes
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -508,6 +511,12 @@ impl CommitBatch {
 
     pub fn remove_idempotency(&mut self, raw_key: Vec<u8>) {
         self.batch.remove(raw_key);
+    }
+
+    /// Cluster mode: the stream sequence this batch brings the local copy up to.
+    pub fn set_stream_position(&mut self, stream_seq: u64) {
+        self.batch
+            .insert(STREAM_POSITION_KEY, &stream_seq.to_be_bytes()[..]);
     }
 }
 
@@ -918,6 +927,18 @@ impl Store {
         self.chunk_bytes
             .fetch_add(batch.chunk_bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Cluster mode: the stream sequence of the newest applied group (0: none).
+    pub fn stream_position(&self) -> Result<u64> {
+        Ok(match self.log.get(STREAM_POSITION_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("malformed stream position".into()))?,
+            ),
+            None => 0,
+        })
     }
 
     /// Bytes the database takes on disk (0 if sled cannot tell).

@@ -125,3 +125,12 @@ pub fn render(
     handle.run_upkeep();
     handle.render()
 }
+
+/// Cluster mode (SPEC §6): this node's applied seq, its lag behind the stream, its role.
+pub fn record_cluster(view: &crate::cluster::ClusterView) {
+    metrics::gauge!("cairn_cluster_applied_seq").set(view.applied_seq as f64);
+    metrics::gauge!("cairn_cluster_lag_events")
+        .set(view.stream_seq.saturating_sub(view.applied_seq) as f64);
+    let sequencer = matches!(view.role, crate::cluster::Role::Sequencer);
+    metrics::gauge!("cairn_cluster_sequencer").set(if sequencer { 1.0 } else { 0.0 });
+}

@@ -84,6 +84,13 @@ pub enum AppendError {
     KeyReused,
     #[error("the log is not writable: {0}")]
     Unavailable(String),
+    /// Cluster mode: the log of record (NATS JetStream) cannot be reached or has no
+    /// sequencer right now; nothing was appended, or (when said) possibly was.
+    #[error("{0}")]
+    ClusterUnavailable(String),
+    /// Cluster mode: the request does not fit in one stream message.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 type Reply = oneshot::Sender<Result<Appended, AppendError>>;
@@ -94,12 +101,41 @@ struct Request {
     reply: Reply,
 }
 
+/// A group sealed by the cluster's sequencer, read back from the stream (cluster mode):
+/// the writer checks it continues the chain and stores it as it is.
+pub struct StreamGroup {
+    /// The stream sequence of the message that carried it.
+    pub stream_seq: u64,
+    pub events: Vec<Event>,
+    pub idempotency: Vec<SealedKey>,
+}
+
+/// What the writer thread takes: a request to seal here, or a group sealed elsewhere.
+enum Input {
+    Append(Request),
+    Apply(StreamGroup),
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        match self {
+            Input::Append(r) => r.events.len(),
+            Input::Apply(g) => g.events.len(),
+        }
+    }
+}
+
 /// The handle request handlers use; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Input>,
     events: broadcast::Sender<Arc<Committed>>,
     failed: Failure,
+    /// The newest stream sequence applied and durable (cluster mode; 0 otherwise).
+    applied_stream: tokio::sync::watch::Receiver<u64>,
+    /// Cluster mode: appends go to the sequencer instead of being sealed here.
+    forward: Option<Arc<crate::cluster::Forwarder>>,
+    store: Arc<Store>,
 }
 
 /// Joins the writer (and publisher) threads once every [`Writer`] handle is dropped.
@@ -123,8 +159,12 @@ impl Writer {
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let failed = Failure::default();
         let (publish, to_publish) = std::sync::mpsc::channel();
+        let (stream_position, applied_stream) =
+            tokio::sync::watch::channel(store.stream_position().unwrap_or(0));
+        let store_handle = store.clone();
         let state = WriterState {
             head: store.head(),
+            stream_position,
             store,
             sync,
             rx,
@@ -141,9 +181,60 @@ impl Writer {
             .name("cairn-publisher".into())
             .spawn(move || publish_committed(to_publish, live))?;
         Ok((
-            Writer { tx, events, failed },
+            Writer {
+                tx,
+                events,
+                failed,
+                applied_stream,
+                forward: None,
+                store: store_handle,
+            },
             WriterThread { writer, publisher },
         ))
+    }
+
+    /// Cluster mode: appends through this handle go to the cluster's sequencer.
+    pub fn forward_to(&mut self, forwarder: Arc<crate::cluster::Forwarder>) {
+        self.forward = Some(forwarder);
+    }
+
+    /// Stores a group read from the cluster's stream; resolves once it is queued (its
+    /// effect shows in [`Writer::applied_stream`] once durable).
+    pub async fn apply(&self, group: StreamGroup) -> Result<(), AppendError> {
+        self.tx
+            .send(Input::Apply(group))
+            .await
+            .map_err(|_| AppendError::Unavailable("the server is shutting down".into()))
+    }
+
+    /// The newest stream sequence this node has applied and made durable.
+    pub fn applied_stream(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_stream.clone()
+    }
+
+    /// Waits (up to `limit`) until the store's committed head reaches `seq`.
+    pub async fn wait_for_seq(&self, seq: u64, limit: Duration) -> bool {
+        let mut applied = self.applied_stream.clone();
+        let reached = async {
+            while self.store.head().seq < seq {
+                if applied.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(limit, reached).await.unwrap_or(false)
+    }
+
+    /// Stops this node's log for good (cluster mode: its copy cannot follow the stream).
+    pub fn halt(&self, reason: String) {
+        tracing::error!("{reason}");
+        let _ = self.failed.set(reason);
+    }
+
+    /// Why the log stopped taking appends, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.get().cloned()
     }
 
     /// Appends `events` atomically, in order; resolves once they are durable.
@@ -155,13 +246,16 @@ impl Writer {
         if self.failed.get().is_some() {
             return Err(unavailable(&self.failed));
         }
+        if let Some(forward) = &self.forward {
+            return forward.append(events, idempotency).await;
+        }
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Request {
+            .send(Input::Append(Request {
                 events,
                 idempotency,
                 reply,
-            })
+            }))
             .await
             .map_err(|_| AppendError::Unavailable("the server is shutting down".into()))?;
         answer
@@ -180,7 +274,7 @@ type Failure = Arc<OnceLock<String>>;
 
 fn unavailable(failure: &Failure) -> AppendError {
     AppendError::Unavailable(format!(
-        "flushing the log to disk failed ({}); restart the server to re-check the log",
+        "{}; restart the server to re-check the log",
         failure.get().map_or("unknown cause", String::as_str)
     ))
 }
@@ -202,7 +296,9 @@ struct WriterState {
     store: Arc<Store>,
     head: Head,
     sync: SyncMode,
-    rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Input>,
+    /// The newest stream sequence stored and durable (cluster mode).
+    stream_position: tokio::sync::watch::Sender<u64>,
     /// Committed groups, in log order, for the publisher thread.
     publish: std::sync::mpsc::Sender<Vec<Event>>,
     failed: Failure,
@@ -247,18 +343,137 @@ fn next_id(previous: Option<Ulid>, now_ms: u64) -> Ulid {
     }
 }
 
+/// An idempotency record as sealed: token id, key, record.
+pub type SealedKey = (String, String, IdempotencyRecord);
+
+/// A group of requests sealed on a head: what to store and what to answer.
+pub struct Sealed {
+    pub events: Vec<Event>,
+    /// Each event's hash, for the Merkle tree.
+    pub hashes: Vec<[u8; 32]>,
+    pub idempotency: Vec<SealedKey>,
+    /// One per request, in order.
+    pub outcomes: Vec<Result<Appended, AppendError>>,
+}
+
+/// Gives each event its id, seq and hash after `head` (advanced over them) and decides
+/// each idempotency key against the store and the requests before it in the group.
+/// The single node's writer and the cluster's sequencer both seal this way.
+pub fn seal_group(
+    head: &mut Head,
+    store: &Store,
+    requests: Vec<(Vec<NewEvent>, Option<IdempotencyKey>)>,
+) -> Sealed {
+    let mut sealed = Sealed {
+        events: Vec::new(),
+        hashes: Vec::new(),
+        idempotency: Vec::new(),
+        outcomes: Vec::with_capacity(requests.len()),
+    };
+    // Keys used earlier in this same group (not yet in the store).
+    let mut group_keys: HashMap<(String, String), IdempotencyRecord> = HashMap::new();
+    for (events, idempotency) in requests {
+        if let Some(key) = &idempotency {
+            let earlier = match group_keys.get(&(key.token_id.clone(), key.key.clone())) {
+                Some(r) => Ok(Some(r.clone())),
+                None => store.idempotency(&key.token_id, &key.key),
+            };
+            match earlier {
+                Ok(Some(record)) => {
+                    sealed.outcomes.push(if record.body_hash == key.body_hash {
+                        Ok(Appended::Replayed {
+                            first_seq: record.first_seq,
+                            last_seq: record.last_seq,
+                        })
+                    } else {
+                        Err(AppendError::KeyReused)
+                    });
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    sealed
+                        .outcomes
+                        .push(Err(AppendError::Unavailable(e.to_string())));
+                    continue;
+                }
+            }
+        }
+
+        let now_ms = now_unix_ms();
+        let first_seq = head.seq + 1;
+        let mut ids = Vec::with_capacity(events.len());
+        for new in events {
+            let id = next_id(head.id, now_ms);
+            let seq = head.seq + 1;
+            let timestamp = new
+                .timestamp
+                .unwrap_or_else(|| rfc3339::format_unix_ms(id.timestamp_ms()));
+            let (line, hash) = chain::seal(&RecordParts {
+                data_jcs: &new.data_jcs,
+                id,
+                prev_hash: &head.hash,
+                seq,
+                source_jcs: new.source_jcs.as_deref(),
+                timestamp: &timestamp,
+                event_type: &new.event_type,
+            });
+            sealed.events.push(Event {
+                id,
+                seq,
+                event_type: new.event_type,
+                source: new.source,
+                line: line.into(),
+            });
+            sealed.hashes.push(hash);
+            *head = Head {
+                seq,
+                id: Some(id),
+                hash,
+                timestamp: Some(timestamp),
+            };
+            ids.push(id);
+        }
+        if let Some(key) = idempotency {
+            let record = IdempotencyRecord {
+                body_hash: key.body_hash,
+                first_seq,
+                last_seq: head.seq,
+                created_unix_ms: now_ms,
+            };
+            group_keys.insert((key.token_id.clone(), key.key.clone()), record.clone());
+            sealed.idempotency.push((key.token_id, key.key, record));
+        }
+        sealed.outcomes.push(Ok(Appended::New {
+            first_seq,
+            last_seq: head.seq,
+            ids,
+            head: head.clone(),
+        }));
+    }
+    sealed
+}
+
 impl WriterState {
     fn run(mut self) {
         while let Some(first) = self.rx.blocking_recv() {
-            let mut requests = vec![first];
-            let mut taken = requests[0].events.len();
+            let mut inputs = vec![first];
+            let mut taken = inputs[0].len();
             while taken < MAX_GROUP_EVENTS {
                 match self.rx.try_recv() {
-                    Ok(r) => {
-                        taken += r.events.len();
-                        requests.push(r);
+                    Ok(input) => {
+                        taken += input.len();
+                        inputs.push(input);
                     }
                     Err(_) => break,
+                }
+            }
+            let mut requests = Vec::new();
+            let mut stream_groups = Vec::new();
+            for input in inputs {
+                match input {
+                    Input::Append(r) => requests.push(r),
+                    Input::Apply(g) => stream_groups.push(g),
                 }
             }
             if self.failed.get().is_some() {
@@ -267,8 +482,13 @@ impl WriterState {
                 }
                 continue;
             }
-            let group = self.apply(requests);
-            self.finish(group);
+            if !stream_groups.is_empty() {
+                self.apply_stream_groups(stream_groups);
+            }
+            if !requests.is_empty() {
+                let group = self.apply(requests);
+                self.finish(group);
+            }
             self.prune_idempotency_keys();
         }
     }
@@ -276,107 +496,20 @@ impl WriterState {
     /// Assigns ids, seqs and hashes and writes the group to the store (not yet durable).
     fn apply(&mut self, requests: Vec<Request>) -> Group {
         let start_head = self.head.clone();
-        let mut batch = CommitBatch::default();
-        let mut all_events: Vec<Event> = Vec::new();
-        let mut event_hashes: Vec<[u8; 32]> = Vec::new();
-        let mut replies = Vec::with_capacity(requests.len());
-        // Keys used earlier in this same group (not yet in the store).
-        let mut group_keys: HashMap<(String, String), IdempotencyRecord> = HashMap::new();
-
-        for request in requests {
-            if let Some(key) = &request.idempotency {
-                let earlier = match group_keys.get(&(key.token_id.clone(), key.key.clone())) {
-                    Some(r) => Ok(Some(r.clone())),
-                    None => self.store.idempotency(&key.token_id, &key.key),
-                };
-                match earlier {
-                    Ok(Some(record)) => {
-                        let outcome = if record.body_hash == key.body_hash {
-                            Ok(Appended::Replayed {
-                                first_seq: record.first_seq,
-                                last_seq: record.last_seq,
-                            })
-                        } else {
-                            Err(AppendError::KeyReused)
-                        };
-                        replies.push((request.reply, outcome));
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        replies.push((request.reply, Err(AppendError::Unavailable(e.to_string()))));
-                        continue;
-                    }
-                }
-            }
-
-            let now_ms = now_unix_ms();
-            let first_seq = self.head.seq + 1;
-            let mut ids = Vec::with_capacity(request.events.len());
-            for new in request.events {
-                let id = next_id(self.head.id, now_ms);
-                let seq = self.head.seq + 1;
-                let timestamp = new
-                    .timestamp
-                    .unwrap_or_else(|| rfc3339::format_unix_ms(id.timestamp_ms()));
-                let (line, hash) = chain::seal(&RecordParts {
-                    data_jcs: &new.data_jcs,
-                    id,
-                    prev_hash: &self.head.hash,
-                    seq,
-                    source_jcs: new.source_jcs.as_deref(),
-                    timestamp: &timestamp,
-                    event_type: &new.event_type,
-                });
-                all_events.push(Event {
-                    id,
-                    seq,
-                    event_type: new.event_type,
-                    source: new.source,
-                    line: line.into(),
-                });
-                event_hashes.push(hash);
-                self.head = Head {
-                    seq,
-                    id: Some(id),
-                    hash,
-                    timestamp: Some(timestamp),
-                };
-                ids.push(id);
-            }
-            if let Some(key) = request.idempotency {
-                let record = IdempotencyRecord {
-                    body_hash: key.body_hash,
-                    first_seq,
-                    last_seq: self.head.seq,
-                    created_unix_ms: now_ms,
-                };
-                batch.add_idempotency(&key.token_id, &key.key, &record);
-                group_keys.insert((key.token_id, key.key), record);
-            }
-            replies.push((
-                request.reply,
-                Ok(Appended::New {
-                    first_seq,
-                    last_seq: self.head.seq,
-                    ids,
-                    head: self.head.clone(),
-                }),
-            ));
-        }
-        batch.add_events(&all_events);
-        // The tree's new hashes go in the same atomic batch as the events they cover.
-        let applied = merkle::hashes_for_leaves(
-            &*self.store,
-            &mut self.frontier,
-            start_head.seq,
-            &event_hashes,
-        )
-        .and_then(|tree| {
-            batch.add_tree_hashes(start_head.seq, event_hashes.len() as u64, &tree);
-            self.store.apply(batch)
-        });
-        if let Err(e) = applied {
+        let (replies, bodies): (Vec<Reply>, Vec<_>) = requests
+            .into_iter()
+            .map(|r| (r.reply, (r.events, r.idempotency)))
+            .unzip();
+        let sealed = seal_group(&mut self.head, &self.store, bodies);
+        let mut replies: Vec<_> = replies.into_iter().zip(sealed.outcomes).collect();
+        let mut all_events = sealed.events;
+        if let Err(e) = self.store_events(
+            &start_head,
+            &all_events,
+            &sealed.hashes,
+            &sealed.idempotency,
+            None,
+        ) {
             // Nothing of this group reached the store: roll the head back, and fail every
             // request that appended or that replays a key first used in this group.
             tracing::error!(error = %e, "appending a group commit failed");
@@ -400,6 +533,106 @@ impl WriterState {
         }
     }
 
+    /// Writes sealed events after `start_head`, their Merkle hashes, their idempotency
+    /// records and (cluster mode) the stream position as one batch (not yet durable).
+    fn store_events(
+        &mut self,
+        start_head: &Head,
+        events: &[Event],
+        hashes: &[[u8; 32]],
+        idempotency: &[SealedKey],
+        stream_position: Option<u64>,
+    ) -> Result<(), crate::store::StoreError> {
+        let mut batch = CommitBatch::default();
+        batch.add_events(events);
+        for (token_id, key, record) in idempotency {
+            batch.add_idempotency(token_id, key, record);
+        }
+        if let Some(position) = stream_position {
+            batch.set_stream_position(position);
+        }
+        // The tree's new hashes go in the same atomic batch as the events they cover.
+        let tree =
+            merkle::hashes_for_leaves(&*self.store, &mut self.frontier, start_head.seq, hashes)?;
+        batch.add_tree_hashes(start_head.seq, hashes.len() as u64, &tree);
+        self.store.apply(batch)
+    }
+
+    /// Stores groups the cluster's sequencer sealed, after checking that each continues
+    /// this node's chain exactly. A group that does not stops this node for good: it
+    /// must never serve a second history.
+    fn apply_stream_groups(&mut self, groups: Vec<StreamGroup>) {
+        let start_head = self.head.clone();
+        let mut events = Vec::new();
+        let mut hashes = Vec::new();
+        let mut idempotency = Vec::new();
+        let mut position = None;
+        for group in groups {
+            if let Err(reason) = self.continue_chain(&group.events, &mut hashes) {
+                let message = format!(
+                    "this node's copy of the log disagrees with the cluster's stream at                      stream sequence {}: {reason}; it stopped serving",
+                    group.stream_seq
+                );
+                tracing::error!("{message}");
+                let _ = self.failed.set(message);
+                self.head = start_head;
+                return;
+            }
+            events.extend(group.events);
+            idempotency.extend(group.idempotency);
+            position = Some(group.stream_seq);
+        }
+        if let Err(e) = self.store_events(&start_head, &events, &hashes, &idempotency, position) {
+            tracing::error!(error = %e, "storing groups from the stream failed");
+            let _ = self
+                .failed
+                .set(format!("storing groups from the stream failed ({e})"));
+            self.head = start_head;
+            return;
+        }
+        self.finish(Group {
+            head: self.head.clone(),
+            events,
+            replies: Vec::new(),
+        });
+        if let Some(position) = position
+            && self.failed.get().is_none()
+        {
+            self.stream_position.send_replace(position);
+        }
+    }
+
+    /// Checks that `events` follow the head (seq, id order, `prev_hash`, each hash
+    /// recomputed) and advances the head over them.
+    fn continue_chain(
+        &mut self,
+        events: &[Event],
+        hashes: &mut Vec<[u8; 32]>,
+    ) -> Result<(), String> {
+        for event in events {
+            let info = chain::inspect_line(event.line.as_bytes())
+                .map_err(|e| format!("event seq {}: {e}", event.seq))?;
+            let expected = self.head.seq + 1;
+            if info.seq != expected || event.seq != expected {
+                return Err(format!("expected seq {expected}, found {}", info.seq));
+            }
+            if info.id != event.id || self.head.id.is_some_and(|prev| event.id <= prev) {
+                return Err(format!("event seq {expected} has an id out of order"));
+            }
+            if info.prev_hash != self.head.hash {
+                return Err(format!(
+                    "event seq {expected} does not link to the previous hash"
+                ));
+            }
+            if info.stated_hash != info.computed_hash {
+                return Err(format!("event seq {expected} has a wrong hash"));
+            }
+            hashes.push(info.stated_hash);
+            self.head = Head::of(event).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Makes the group durable, then answers its requests and publishes its events.
     fn finish(&self, group: Group) {
         let started = Instant::now();
@@ -409,7 +642,9 @@ impl WriterState {
             })
         {
             tracing::error!(error = %e, "flushing the log to disk failed; refusing further appends");
-            let _ = self.failed.set(e.to_string());
+            let _ = self
+                .failed
+                .set(format!("flushing the log to disk failed ({e})"));
         }
         let durable = self.failed.get().is_none();
         if durable {

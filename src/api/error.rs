@@ -33,6 +33,8 @@ pub enum ErrorCode {
     TooManyConnections,
     WebsocketRequired,
     Gone,
+    /// Cluster mode (SPEC §6): the log cannot be reached or this node has not caught up.
+    Unavailable,
     Internal,
 }
 
@@ -52,6 +54,7 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::WebsocketRequired => "websocket_required",
             ErrorCode::Gone => "gone",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -113,6 +116,15 @@ impl ApiError {
         Self::new(StatusCode::GONE, ErrorCode::Gone, message)
     }
 
+    /// 503 with `Retry-After` (cluster mode: NATS unreachable, or not caught up).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            message,
+        )
+    }
+
     pub fn internal(message: impl std::fmt::Display) -> Self {
         tracing::error!(error = %message, "internal error");
         Self::new(
@@ -165,7 +177,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body(None))).into_response()
+        let retry = self.code == ErrorCode::Unavailable;
+        let mut response = (self.status, axum::Json(self.body(None))).into_response();
+        if retry {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

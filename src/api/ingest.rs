@@ -226,6 +226,12 @@ async fn append_timed(
                 e.to_string(),
             ),
             AppendError::Unavailable(_) => ApiError::internal(e),
+            AppendError::ClusterUnavailable(_) => ApiError::unavailable(e.to_string()),
+            AppendError::TooLarge(_) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                e.to_string(),
+            ),
         })?;
     let ingested = match appended {
         Appended::New {

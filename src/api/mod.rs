@@ -49,6 +49,8 @@ pub struct ApiConfig {
 pub struct AppState {
     pub store: Arc<Store>,
     pub writer: Writer,
+    /// Cluster mode (SPEC §6): readiness, role and the catch-up wait for streams.
+    pub cluster: Option<Arc<crate::cluster::Status>>,
     pub tokens: Arc<Tokens>,
     pub config: Arc<ApiConfig>,
     /// Open streams (SSE and WebSocket), for `/healthz` and `--max-connections`.
