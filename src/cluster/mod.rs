@@ -152,6 +152,9 @@ pub enum Role {
     Follower,
 }
 
+/// How long start-up waits for JetStream to answer (a NATS cluster starting too).
+const START_WAIT: Duration = Duration::from_secs(30);
+
 /// How long a stream waits for this node's copy to reach its cursor (SPEC §6).
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
@@ -275,7 +278,17 @@ pub async fn start(
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(2))
         .build(client.clone());
-    let log = create_log_stream(&js, &names, opts.replicas).await?;
+    // A NATS cluster that is starting too has no JetStream leader for a few seconds.
+    let deadline = std::time::Instant::now() + START_WAIT;
+    let log = loop {
+        match create_log_stream(&js, &names, opts.replicas).await {
+            Err(ClusterError::JetStream(reason)) if std::time::Instant::now() < deadline => {
+                tracing::info!(%reason, "JetStream not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other?,
+        }
+    };
     let lease = sequencer::lease_bucket(&js, &names, opts.replicas, opts.lease).await?;
     let (start_target, _) = read_stream_head(&log, &names)
         .await

@@ -2,6 +2,8 @@
 //! directory, and a real HTTP client. Shared by every integration test file.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

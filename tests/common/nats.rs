@@ -1,0 +1,141 @@
+//! Real `nats-server` processes on loopback ports, clustered with JetStream, for the
+//! cluster-mode tests: started, killed, paused and resumed by pid.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, wait_until};
+
+pub struct NatsCluster {
+    servers: Vec<NatsServer>,
+    _tmp: tempfile::TempDir,
+}
+
+struct NatsServer {
+    child: Option<Child>,
+    config: PathBuf,
+    client_port: u16,
+}
+
+/// The `nats-server` binary, if installed (Debian's package puts it in /usr/sbin).
+pub fn nats_server_binary() -> Option<PathBuf> {
+    [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+impl NatsCluster {
+    /// Starts `n` JetStream servers routed to each other, and waits until each accepts
+    /// client connections.
+    pub fn start(n: usize) -> NatsCluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let dir = tmp.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).expect("nats dir");
+            let config = tmp.path().join(format!("n{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "listen: 127.0.0.1:{}\nserver_name: n{i}\njetstream {{ store_dir: \"{}\" }}\n\
+                     cluster {{ name: cairn_test, listen: 127.0.0.1:{}, routes: [{routes}] }}\n",
+                    client_ports[i],
+                    dir.display(),
+                    route_ports[i]
+                ),
+            )
+            .expect("nats config");
+            servers.push(NatsServer {
+                child: None,
+                config,
+                client_port: client_ports[i],
+            });
+        }
+        let mut cluster = NatsCluster { servers, _tmp: tmp };
+        for i in 0..n {
+            cluster.restart(i);
+        }
+        cluster
+    }
+
+    /// `--nats` for cairn: every server's URL.
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("nats://127.0.0.1:{}", s.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// SIGKILL server `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts server `i` (again) on its ports and data, and waits until it listens.
+    pub fn restart(&mut self, i: usize) {
+        let binary = nats_server_binary().expect("nats-server is installed");
+        let server = &mut self.servers[i];
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&server.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        server.child = Some(child);
+        let port = server.client_port;
+        wait_until(Duration::from_secs(10), "nats-server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Some(c) = &self.servers[i].child {
+            let _ = Command::new("kill")
+                .arg(signal)
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// SIGSTOP: the process stays, silent (a hung or partitioned server).
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.resume(i);
+            self.kill(i);
+        }
+    }
+}
