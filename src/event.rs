@@ -30,8 +30,9 @@ pub struct Event {
     pub line: bytestring::ByteString,
 }
 
-/// A validated event waiting for the writer to give it an id, a seq and a hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated event waiting for the writer to give it an id, a seq and a hash (sent as
+/// it is to the cluster's sequencer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct NewEvent {
     pub event_type: String,
     /// JCS form of `source` (a JSON string), if present.

@@ -274,7 +274,7 @@ struct StoredEvent<'a> {
     line: std::borrow::Cow<'a, str>,
 }
 
-fn bincode_config() -> bincode::config::Configuration {
+pub(crate) fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 

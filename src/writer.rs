@@ -55,7 +55,7 @@ pub enum SyncMode {
 }
 
 /// An `Idempotency-Key` and what it guards.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IdempotencyKey {
     pub token_id: String,
     pub key: String,

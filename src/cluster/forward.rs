@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use async_nats::client::RequestErrorKind;
 use serde::{Deserialize, Serialize};
 
-use super::bincode_config;
 use crate::event::NewEvent;
 use crate::store::Head;
+use crate::store::bincode_config;
 use crate::writer::{AppendError, Appended, IdempotencyKey, Writer};
 
 /// How long one forwarded request waits for the sequencer's reply.
@@ -23,49 +23,11 @@ const FIND_SEQUENCER: Duration = Duration::from_secs(15);
 /// How long the answering node waits for its own copy to hold the new events.
 const LOCAL_APPLY_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Serialize, Deserialize)]
-pub(super) struct WireEvent {
-    pub event_type: String,
-    pub source_jcs: Option<String>,
-    pub source: Option<String>,
-    pub timestamp: Option<String>,
-    pub data_jcs: String,
-}
-
-#[derive(Serialize, Deserialize)]
-pub(super) struct WireKey {
-    pub token_id: String,
-    pub key: String,
-    pub body_hash: [u8; 32],
-}
-
 /// A forwarded ingest request.
 #[derive(Serialize, Deserialize)]
 pub(super) struct WireRequest {
-    pub events: Vec<WireEvent>,
-    pub idempotency: Option<WireKey>,
-}
-
-impl WireRequest {
-    pub fn into_parts(self) -> (Vec<NewEvent>, Option<IdempotencyKey>) {
-        let events = self
-            .events
-            .into_iter()
-            .map(|e| NewEvent {
-                event_type: e.event_type,
-                source_jcs: e.source_jcs,
-                source: e.source,
-                timestamp: e.timestamp,
-                data_jcs: e.data_jcs,
-            })
-            .collect();
-        let key = self.idempotency.map(|k| IdempotencyKey {
-            token_id: k.token_id,
-            key: k.key,
-            body_hash: k.body_hash,
-        });
-        (events, key)
-    }
+    pub events: Vec<NewEvent>,
+    pub idempotency: Option<IdempotencyKey>,
 }
 
 /// The sequencer's answer.
@@ -147,21 +109,8 @@ impl Forwarder {
         idempotency: Option<IdempotencyKey>,
     ) -> Result<Appended, AppendError> {
         let request = WireRequest {
-            events: events
-                .into_iter()
-                .map(|e| WireEvent {
-                    event_type: e.event_type,
-                    source_jcs: e.source_jcs,
-                    source: e.source,
-                    timestamp: e.timestamp,
-                    data_jcs: e.data_jcs,
-                })
-                .collect(),
-            idempotency: idempotency.map(|k| WireKey {
-                token_id: k.token_id,
-                key: k.key,
-                body_hash: k.body_hash,
-            }),
+            events,
+            idempotency,
         };
         let payload: bytes::Bytes = bincode::serde::encode_to_vec(&request, bincode_config())
             .unwrap_or_default()

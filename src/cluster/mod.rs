@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use ulid::Ulid;
 
-use crate::store::Store;
+use crate::store::{Store, bincode_config};
 use crate::writer::{SealedKey, Writer};
 
 pub use forward::Forwarder;
@@ -98,10 +98,6 @@ struct GroupMessage {
     /// The events as one stored chunk (`store::encode_chunk`: bincode, LZ4).
     events: Vec<u8>,
     idempotency: Vec<SealedKey>,
-}
-
-fn bincode_config() -> bincode::config::Configuration {
-    bincode::config::standard()
 }
 
 impl GroupMessage {

@@ -21,8 +21,9 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::forward::{WireReply, WireRequest};
-use super::{ClusterError, GroupMessage, Names, Status, bincode_config};
+use super::{ClusterError, GroupMessage, Names, Status};
 use crate::store::Store;
+use crate::store::bincode_config;
 use crate::writer::{self, AppendError, Appended, Writer};
 
 const LEASE_KEY: &str = "sequencer";
@@ -205,7 +206,7 @@ impl Sequencer {
             ) {
                 Ok((request, _)) => {
                     replies.push(reply);
-                    bodies.push(request.into_parts());
+                    bodies.push((request.events, request.idempotency));
                 }
                 Err(e) => {
                     let answer = WireReply::Unavailable(format!("a malformed forward: {e}"));
