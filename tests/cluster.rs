@@ -1,24 +1,16 @@
 //! Cluster mode (SPEC §6) against real `nats-server` processes (a three-server JetStream
 //! cluster on loopback) and real `cairn serve --nats` nodes.
 //!
-//! Skipped (with a line saying so) where `nats-server` is not installed; `.ci/run` does
-//! not install it yet (docs/cluster.md says what remains before it does).
+//! Skipped (with a line saying so) where `nats-server` is not installed; `.ci/run`
+//! installs Debian's package and requires them.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::nats::{NatsCluster, nats_server_binary};
+use common::nats::{NatsCluster, missing};
 use common::{Server, wait_until};
 use serde_json::{Value, json};
-
-fn skip() -> bool {
-    if nats_server_binary().is_none() {
-        eprintln!("SKIPPED: nats-server is not installed");
-        return true;
-    }
-    false
-}
 
 /// A cairn node on `nats`, with `--auth off` (shared tokens are not built yet) and,
 /// when given, the checkpoint key of the cluster's first node.
@@ -109,7 +101,7 @@ fn assert_same_log(nodes: &[&Server], expected_events: u64) {
 
 #[test]
 fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
-    if skip() {
+    if missing() {
         return;
     }
     let nats = NatsCluster::start(3);
@@ -185,7 +177,7 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
 
 #[test]
 fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
-    if skip() {
+    if missing() {
         return;
     }
     let nats = NatsCluster::start(3);

@@ -19,6 +19,21 @@ struct NatsServer {
     client_port: u16,
 }
 
+/// True (after a line saying so) when nats-server is not installed, unless
+/// `CAIRN_CLUSTER_TESTS=required` (set by `.ci/run`, which installs it): then CI fails
+/// rather than passing without having run these tests.
+pub fn missing() -> bool {
+    if nats_server_binary().is_some() {
+        return false;
+    }
+    assert!(
+        std::env::var("CAIRN_CLUSTER_TESTS").as_deref() != Ok("required"),
+        "nats-server is not installed and CAIRN_CLUSTER_TESTS=required"
+    );
+    eprintln!("SKIPPED: nats-server is not installed");
+    true
+}
+
 /// The `nats-server` binary, if installed (Debian's package puts it in /usr/sbin).
 pub fn nats_server_binary() -> Option<PathBuf> {
     [
