@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{SharedError, SharedMap, Written};
 use crate::cursor::TypeFilter;
 use crate::store::{Store, StoreError};
 
@@ -139,6 +140,8 @@ pub enum AuthError {
     Store(#[from] StoreError),
     #[error("token record is unreadable: {0}")]
     Corrupt(String),
+    #[error("cluster: {0}")]
+    Shared(#[from] SharedError),
     #[error("cannot write {path}: {source}")]
     TokenFile {
         path: String,
@@ -155,6 +158,8 @@ struct Entry {
 pub struct Tokens {
     store: Arc<Store>,
     by_id: RwLock<HashMap<String, Entry>>,
+    /// Cluster mode: the map every node's tokens are kept in ([`join_cluster`]).
+    shared: OnceLock<SharedMap>,
 }
 
 fn encode(record: &TokenRecord) -> Vec<u8> {
@@ -184,15 +189,20 @@ impl Tokens {
     pub fn load(store: Arc<Store>) -> Result<Tokens, AuthError> {
         let mut by_id = HashMap::new();
         for raw in store.token_records()? {
-            let (record, _): (TokenRecord, usize) =
-                bincode::serde::decode_from_slice(&raw, bincode::config::standard())
-                    .map_err(|e| AuthError::Corrupt(e.to_string()))?;
+            let record = decode(&raw)?;
             by_id.insert(record.id.clone(), entry(record));
         }
         Ok(Tokens {
             store,
             by_id: RwLock::new(by_id),
+            shared: OnceLock::new(),
         })
+    }
+
+    /// Cluster mode: where a token must be created or revoked first, so that every node
+    /// sees it ([`Tokens::create_shared`], [`Tokens::revoke_shared`]).
+    pub fn shared(&self) -> Option<&SharedMap> {
+        self.shared.get()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -206,25 +216,50 @@ impl Tokens {
         name: &str,
         types: Option<Vec<String>>,
     ) -> Result<(TokenRecord, String), AuthError> {
-        let id = random_hex(8);
-        let secret = random_hex(24);
-        let record = TokenRecord {
-            id: id.clone(),
-            name: name.to_string(),
-            role,
-            types,
-            created_at: crate::rfc3339::format_unix_ms(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
-            ),
-            secret_sha256: Sha256::digest(secret.as_bytes()).into(),
+        let (record, token) = new_token(role, name, types);
+        self.insert(record.clone())?;
+        Ok((record, token))
+    }
+
+    /// Cluster mode: creates a token in the shared map first (so every node accepts it
+    /// within moments), then here, so that it works on this node at once.
+    pub async fn create_shared(
+        self: &Arc<Self>,
+        role: Role,
+        name: &str,
+        types: Option<Vec<String>>,
+    ) -> Result<(TokenRecord, String), AuthError> {
+        let Some(map) = self.shared() else {
+            let (tokens, name) = (self.clone(), name.to_string());
+            return tokio::task::spawn_blocking(move || tokens.create(role, &name, types))
+                .await
+                .map_err(|e| AuthError::Corrupt(e.to_string()))?;
         };
-        self.store.put_token_record(&id, &encode(&record))?;
-        if let Ok(mut map) = self.by_id.write() {
-            map.insert(id.clone(), entry(record.clone()));
+        let (record, token) = new_token(role, name, types);
+        map.put(&record.id, encode(&record)).await?;
+        let tokens = self.clone();
+        let stored = record.clone();
+        tokio::task::spawn_blocking(move || tokens.insert(stored))
+            .await
+            .map_err(|e| AuthError::Corrupt(e.to_string()))??;
+        Ok((record, token))
+    }
+
+    /// Stores a record (created here or on another node) and makes it usable.
+    fn insert(&self, record: TokenRecord) -> Result<(), AuthError> {
+        let known = self
+            .by_id
+            .read()
+            .map(|m| m.get(&record.id).is_some_and(|e| e.record == record))
+            .unwrap_or(false);
+        if known {
+            return Ok(());
         }
-        Ok((record, format!("cairn_{id}_{secret}")))
+        self.store.put_token_record(&record.id, &encode(&record))?;
+        if let Ok(mut map) = self.by_id.write() {
+            map.insert(record.id.clone(), entry(record));
+        }
+        Ok(())
     }
 
     /// The caller a presented token stands for, if it is valid.
@@ -269,6 +304,24 @@ impl Tokens {
         Ok(true)
     }
 
+    /// Cluster mode: revokes in the shared map first (every node's follower then revokes
+    /// it, ending its streams there), then here at once. `false` if there is no such
+    /// token.
+    pub async fn revoke_shared(self: &Arc<Self>, id: &str) -> Result<bool, AuthError> {
+        if let Some(map) = self.shared() {
+            if !self.list().iter().any(|t| t.id == id) {
+                return Ok(false);
+            }
+            map.delete(id).await?;
+        }
+        let (tokens, target) = (self.clone(), id.to_string());
+        let here = tokio::task::spawn_blocking(move || tokens.revoke(&target))
+            .await
+            .map_err(|e| AuthError::Corrupt(e.to_string()))??;
+        // In a cluster, this node's follower may have applied the deletion first.
+        Ok(here || self.shared().is_some())
+    }
+
     /// Creates the first admin token and writes it to `path` (mode 0600).
     pub fn create_admin_file(&self, path: &Path) -> Result<(), AuthError> {
         let (_, token) = self.create(Role::Admin, "admin", None)?;
@@ -277,6 +330,91 @@ impl Tokens {
             source,
         })
     }
+}
+
+fn new_token(role: Role, name: &str, types: Option<Vec<String>>) -> (TokenRecord, String) {
+    let id = random_hex(8);
+    let secret = random_hex(24);
+    let record = TokenRecord {
+        id: id.clone(),
+        name: name.to_string(),
+        role,
+        types,
+        created_at: crate::rfc3339::format_unix_ms(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        ),
+        secret_sha256: Sha256::digest(secret.as_bytes()).into(),
+    };
+    (record, format!("cairn_{id}_{secret}"))
+}
+
+fn decode(raw: &[u8]) -> Result<TokenRecord, AuthError> {
+    bincode::serde::decode_from_slice(raw, bincode::config::standard())
+        .map(|(record, _)| record)
+        .map_err(|e| AuthError::Corrupt(e.to_string()))
+}
+
+/// The shared map's key that the first node of a cluster creates (not a token id: ids
+/// are hex).
+const FIRST_NODE_KEY: &str = "first-node";
+
+/// Cluster mode (SPEC §6): every node's tokens are the shared map's. The node that
+/// creates the map's first key is the cluster's first node: it brings its own tokens
+/// (a single node turned into a cluster keeps them) and, with authentication on and no
+/// token yet, creates the admin token file as a single node does. Every later node
+/// takes the map's tokens as they are, dropping any of its own the map no longer holds
+/// (revoked while it was down). Then a task applies every change, so a token created on
+/// any node works here, and a revoked one stops working and ends its streams here, within
+/// moments. Returns whether this is the first node.
+pub async fn join_cluster(
+    tokens: Arc<Tokens>,
+    map: SharedMap,
+    node: &str,
+    admin_file: Option<&Path>,
+    shutdown: CancellationToken,
+) -> Result<bool, AuthError> {
+    let first = map.create(FIRST_NODE_KEY, node.as_bytes().to_vec()).await? != Written::Conflict;
+    if first {
+        if let Some(path) = admin_file.filter(|_| tokens.is_empty()) {
+            tokens.create_admin_file(path)?;
+            tracing::info!(path = %path.display(), "created the cluster's first admin token");
+        }
+        for record in tokens.list() {
+            map.put(&record.id, encode(&record)).await?;
+        }
+    } else {
+        let mut current = std::collections::HashSet::new();
+        for shared in map.all().await? {
+            if let Some(value) = shared.value.filter(|_| shared.key != FIRST_NODE_KEY) {
+                current.insert(shared.key);
+                tokens.insert(decode(&value)?)?;
+            }
+        }
+        for record in tokens.list() {
+            if !current.contains(&record.id) {
+                tokens.revoke(&record.id)?;
+            }
+        }
+    }
+    let _ = tokens.shared.set(map.clone());
+    let (mut changes, _) = map.follow(shutdown);
+    tokio::spawn(async move {
+        while let Some(change) = changes.recv().await {
+            if change.key == FIRST_NODE_KEY {
+                continue;
+            }
+            let applied = match change.value {
+                Some(value) => decode(&value).and_then(|record| tokens.insert(record)),
+                None => tokens.revoke(&change.key).map(|_| ()),
+            };
+            if let Err(e) = applied {
+                tracing::error!(error = %e, token = %change.key, "cannot apply a shared token change");
+            }
+        }
+    });
+    Ok(first)
 }
 
 /// Writes `token` alone on one line, readable only by the owner, atomically.

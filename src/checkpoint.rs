@@ -55,6 +55,8 @@ pub enum CheckpointError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Proof(#[from] ProofError),
+    #[error("{0}")]
+    Shared(#[from] crate::cluster::SharedError),
 }
 
 /// A checkpoint whose signature has been checked (or that we signed).
@@ -280,6 +282,68 @@ pub async fn run(checkpointer: Arc<Checkpointer>, interval: Duration, shutdown: 
 
 /// The signer and verifier key in `path`, created (for `origin`, or a generated name)
 /// when missing.
+/// The shared map's key holding the cluster's signing key.
+const SHARED_KEY: &str = "checkpoint-key";
+
+/// Cluster mode (SPEC §6): every node signs with one key, so a checkpoint of a given
+/// size is the same on every node. Before [`Checkpointer::open`]: a node without a key
+/// file takes the cluster's; the first node publishes its own (created as a single node
+/// does); a node whose key file differs from the cluster's refuses to start rather than
+/// sign a second origin. The map holds the secret key: NATS's own access control guards
+/// it (README, cluster mode).
+pub async fn share_key(
+    map: &crate::cluster::SharedMap,
+    data: &Path,
+    origin: Option<&str>,
+) -> Result<(), CheckpointError> {
+    let path = data.join(KEY_FILE);
+    let local = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(CheckpointError::Io { path, source }),
+    };
+    let cluster = match map.get(SHARED_KEY).await? {
+        Some(entry) => entry.value,
+        None => {
+            load_or_create_key(&path, origin)?;
+            let created = std::fs::read_to_string(&path)
+                .map_err(|source| CheckpointError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_string();
+            match map.create(SHARED_KEY, created.clone().into_bytes()).await? {
+                crate::cluster::Written::Done(_) => return Ok(()),
+                // Another node published first: take its key if this one was just made.
+                crate::cluster::Written::Conflict => {
+                    map.get(SHARED_KEY).await?.and_then(|e| e.value)
+                }
+            }
+        }
+    };
+    let Some(cluster) = cluster else {
+        return Err(CheckpointError::Key(
+            "the cluster's signing key vanished; retry".into(),
+        ));
+    };
+    let cluster = String::from_utf8_lossy(&cluster).trim().to_string();
+    match local {
+        Some(local) if local == cluster => Ok(()),
+        Some(_) => Err(CheckpointError::Key(format!(
+            "refusing to start: {} holds another signing key than the cluster's (every node \
+             signs with one key); remove it to take the cluster's, or give every node the \
+             same file",
+            path.display()
+        ))),
+        None => {
+            write_atomically(&path, format!("{cluster}\n").as_bytes(), 0o600)?;
+            tracing::info!(path = %path.display(), "took the cluster's checkpoint signing key");
+            Ok(())
+        }
+    }
+}
+
 fn load_or_create_key(
     path: &Path,
     origin: Option<&str>,

@@ -79,6 +79,15 @@ pub enum ServeError {
     Webhook(#[from] crate::webhook::WebhookError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(
+        "refusing to start: {dir} holds a copy of the cluster stream {stream}, not {wanted}; \
+         give this node its own data directory"
+    )]
+    OtherCluster {
+        dir: String,
+        stream: String,
+        wanted: String,
+    },
 }
 
 /// Re-derives the chain of the newest events; a break means the data was altered or
@@ -131,6 +140,28 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             "built the Merkle tree for events logged before it existed"
         );
     }
+    // Cluster mode: connected before the checkpoint key and tokens, which the cluster
+    // shares.
+    let connection = match &opts.cluster {
+        Some(cluster_opts) => {
+            match store.cluster_stream()? {
+                Some(stream) if stream != cluster_opts.stream => {
+                    return Err(ServeError::OtherCluster {
+                        dir: opts.data.display().to_string(),
+                        stream,
+                        wanted: cluster_opts.stream.clone(),
+                    });
+                }
+                Some(_) => {}
+                None => store.set_cluster_stream(&cluster_opts.stream)?,
+            }
+            let connection = crate::cluster::connect(cluster_opts).await?;
+            let config = connection.shared.map("config").await?;
+            checkpoint::share_key(&config, &opts.data, opts.origin.as_deref()).await?;
+            Some(connection)
+        }
+        None => None,
+    };
     let checkpoints = Arc::new(Checkpointer::open(
         store.clone(),
         &opts.data,
@@ -141,11 +172,12 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     tracing::info!(origin = %latest.origin, size = latest.size, "checkpoints: signing key loaded");
 
     let tokens = Arc::new(Tokens::load(store.clone())?);
+    let admin_file = opts.data.join("admin.token");
     if opts.auth {
-        if tokens.is_empty() {
-            let path = opts.data.join("admin.token");
-            tokens.create_admin_file(&path)?;
-            tracing::info!(path = %path.display(), "created the first admin token");
+        // A cluster's first node creates it once it knows it is the first.
+        if tokens.is_empty() && connection.is_none() {
+            tokens.create_admin_file(&admin_file)?;
+            tracing::info!(path = %admin_file.display(), "created the first admin token");
         }
     } else {
         tracing::warn!(
@@ -163,9 +195,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     // Cluster tasks stop on their own token, after the HTTP server: requests in flight
     // still reach the sequencer while connections drain.
     let cluster_stop = CancellationToken::new();
-    let cluster = match &opts.cluster {
-        Some(cluster_opts) => {
+    let cluster = match (connection, &opts.cluster) {
+        (Some(connection), Some(cluster_opts)) => {
             let cluster = crate::cluster::start(
+                connection,
                 cluster_opts,
                 store.clone(),
                 writer.clone(),
@@ -173,9 +206,17 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             )
             .await?;
             writer.forward_to(cluster.forwarder.clone());
+            crate::auth::join_cluster(
+                tokens.clone(),
+                cluster.shared.map("tokens").await?,
+                &cluster_opts.node,
+                opts.auth.then_some(admin_file.as_path()),
+                cluster_stop.clone(),
+            )
+            .await?;
             Some(cluster.status)
         }
-        None => None,
+        _ => None,
     };
     let connections = TaskTracker::new();
     let webhooks = Arc::new(Webhooks::start(

@@ -90,6 +90,8 @@ const BLOCK_LEAVES: u64 = 1 << crate::merkle::STORED_FROM_LEVEL;
 /// Most chunks one prune batch removes (about 64k events): bounds its memory.
 const PRUNE_BATCH_CHUNKS: usize = 256;
 const STREAM_POSITION_KEY: &[u8] = b"p";
+/// Cluster mode: the JetStream stream whose log this directory copies.
+const CLUSTER_STREAM_KEY: &[u8] = b"N";
 /// Leaves per tree value: with the tree's lower levels not stored, about 16 KiB.
 const TREE_LEAVES_PER_VALUE: u64 = 16_384;
 
@@ -939,6 +941,21 @@ impl Store {
             ),
             None => 0,
         })
+    }
+
+    /// The cluster stream this data directory copies (`None`: a single node's, so far).
+    pub fn cluster_stream(&self) -> Result<Option<String>> {
+        Ok(self
+            .log
+            .get(CLUSTER_STREAM_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Marks this directory as a copy of the cluster stream `stream`, durably: offline
+    /// commands that would change it behind the cluster's back refuse from then on.
+    pub fn set_cluster_stream(&self, stream: &str) -> Result<()> {
+        self.log.insert(CLUSTER_STREAM_KEY, stream.as_bytes())?;
+        self.sync()
     }
 
     /// Bytes the database takes on disk (0 if sled cannot tell).

@@ -12,39 +12,37 @@ use common::nats::{NatsCluster, missing};
 use common::{Server, wait_until};
 use serde_json::{Value, json};
 
-/// A cairn node on `nats`, with `--auth off` (shared tokens are not built yet) and,
-/// when given, the checkpoint key of the cluster's first node.
-fn node(nats: &NatsCluster, name: &str, key_from: Option<&Server>) -> Server {
-    let tmp = tempfile::tempdir().expect("tempdir").keep();
-    let data = tmp.join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    if let Some(first) = key_from {
-        std::fs::copy(
-            first.data.join("checkpoint.key"),
-            data.join("checkpoint.key"),
-        )
-        .expect("copy checkpoint.key");
+/// The flags of a node named `name` on `nats`.
+fn node_args(nats: &NatsCluster, name: &str) -> Vec<String> {
+    ["--nats", &nats.urls(), "--node", name, "--nats-lease", "2"]
+        .map(str::to_string)
+        .to_vec()
+}
+
+/// A cairn node on `nats`, on a fresh data directory. The cluster's first node creates
+/// the admin token (its file); a later node creates none and takes the checkpoint key
+/// and the tokens from the cluster, so it is driven with the first node's token.
+fn node(nats: &NatsCluster, name: &str, first: Option<&Server>) -> Server {
+    let data = tempfile::tempdir().expect("tempdir").keep().join("data");
+    let args = node_args(nats, name);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start_on(&data, &args);
+    if let Some(first) = first {
+        assert!(
+            !data.join("admin.token").exists(),
+            "a later node created an admin token of its own:\n{}",
+            server.log_text()
+        );
+        server.token = first.token.clone();
     }
-    let urls = nats.urls();
-    Server::start_on(
-        &data,
-        &[
-            "--auth",
-            "off",
-            "--nats",
-            &urls,
-            "--node",
-            name,
-            "--nats-lease",
-            "2",
-        ],
-    )
+    server
 }
 
 fn post(server: &Server, body: &Value, key: Option<&str>) -> (u16, Value) {
     let mut request = server
         .http()
         .post(server.url("/v1/events"))
+        .bearer_auth(&server.token)
         .header("Content-Type", "application/json")
         .body(body.to_string());
     if let Some(k) = key {
@@ -173,6 +171,81 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
     // A node started empty copies the whole log from the stream.
     let d = node(&nats, "d", Some(&a));
     assert_same_log(&[&a, &d], total);
+
+    shared_tokens(&a, &b, &c);
+}
+
+/// A token created on one node works on every node; revoked on another, it is refused
+/// everywhere and its open stream on a third node ends, within SPEC §6's 2 s.
+fn shared_tokens(a: &Server, b: &Server, c: &Server) {
+    let (status, created) = a.post(
+        "/v1/tokens",
+        "application/json",
+        json!({"role": "read", "name": "dashboard"}).to_string(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let token = created["data"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let id = created["data"]["id"].as_str().expect("id").to_string();
+    let status_with = |n: &Server| {
+        n.http()
+            .get(n.url("/v1/head"))
+            .bearer_auth(&token)
+            .send()
+            .map_or(0, |r| r.status().as_u16())
+    };
+    assert_eq!(status_with(a), 200, "the creating node accepts it at once");
+    wait_until(
+        Duration::from_secs(2),
+        "the token to work on b and c",
+        || status_with(b) == 200 && status_with(c) == 200,
+    );
+
+    // An open stream on b with that token.
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    let stream_url = b.url("/v1/events/stream");
+    let stream_token = token.clone();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let http = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .expect("client");
+        let mut response = http
+            .get(stream_url)
+            .bearer_auth(stream_token)
+            .send()
+            .expect("stream");
+        let _ = opened_tx.send(response.status().as_u16());
+        let mut sink = Vec::new();
+        let _ = response.read_to_end(&mut sink);
+        let _ = ended_tx.send(());
+    });
+    assert_eq!(opened.recv_timeout(Duration::from_secs(10)), Ok(200));
+
+    let r = c
+        .http()
+        .delete(c.url(&format!("/v1/tokens/{id}")))
+        .bearer_auth(&c.token)
+        .send()
+        .expect("DELETE");
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(
+        ended.recv_timeout(Duration::from_secs(2)),
+        Ok(()),
+        "the revoked token's stream on another node was still open 2 s after DELETE"
+    );
+    reader.join().expect("reader");
+    for n in [a, b, c] {
+        assert_eq!(
+            status_with(n),
+            401,
+            "a revoked token is refused on every node"
+        );
+    }
 }
 
 #[test]
@@ -214,6 +287,26 @@ fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
         started.elapsed()
     );
 
+    // Offline token changes on a cluster node's directory would reach it alone: refused.
+    let (code, _, stderr) = common::cairn(
+        &[
+            "token",
+            "create",
+            "--data",
+            a.data.to_str().expect("utf-8 path"),
+            "--role",
+            "read",
+            "--name",
+            "offline",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("is a node of the cluster stream"),
+        "{stderr}"
+    );
+
     // Total NATS outage: 503, never 201; reads keep working.
     for i in 0..nats.len() {
         nats.pause(i);
@@ -246,18 +339,8 @@ fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
     );
 
     // The killed node comes back and catches up.
-    let a2 = Server::start_on(
-        &a.data,
-        &[
-            "--auth",
-            "off",
-            "--nats",
-            &nats.urls(),
-            "--node",
-            "a",
-            "--nats-lease",
-            "2",
-        ],
-    );
+    let args = node_args(&nats, "a");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a2 = Server::start_on(&a.data, &args);
     assert_same_log(&[&a2, &b], acked);
 }

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::ingest::read_body;
 use super::openapi::{self, Timestamp, wire};
 use super::{ApiError, AppState, Envelope};
-use crate::auth::{Caller, Role, TokenRecord, validate_new_token};
+use crate::auth::{AuthError, Caller, Role, TokenRecord, validate_new_token};
 use crate::event::Problem;
 
 /// A token creation body is a few hundred bytes; this leaves room for long allow-lists.
@@ -149,6 +149,8 @@ fn parse_new_token(body: &[u8]) -> Result<(Role, String, Option<Vec<String>>), A
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 403, description = "The token's role is not admin", body = openapi::Error),
         (status = 413, description = "The body exceeds 64 KiB", body = openapi::Error),
+        (status = 503, description = "Cluster mode: NATS is out of reach (`unavailable`); \
+            retry", body = openapi::Error),
     )
 )]
 pub async fn create(
@@ -160,11 +162,11 @@ pub async fn create(
     let (parts, body) = request.into_parts();
     let body = read_body(body, &parts.headers, MAX_TOKEN_BODY_BYTES).await?;
     let (role, name, types) = parse_new_token(&body)?;
-    let tokens = state.tokens.clone();
-    let (record, secret) = tokio::task::spawn_blocking(move || tokens.create(role, &name, types))
+    let (record, secret) = state
+        .tokens
+        .create_shared(role, &name, types)
         .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+        .map_err(token_error)?;
     tracing::info!(id = %record.id, role = record.role.as_str(), "token created");
     let created = CreatedTokenJson {
         id: &record.id,
@@ -211,6 +213,8 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Respo
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 403, description = "The token's role is not admin", body = openapi::Error),
         (status = 404, description = "No such token", body = openapi::Error),
+        (status = 503, description = "Cluster mode: NATS is out of reach (`unavailable`); \
+            retry", body = openapi::Error),
     )
 )]
 pub async fn revoke(
@@ -223,15 +227,18 @@ pub async fn revoke(
     let Ok(Path(id)) = id else {
         return Err(ApiError::not_found("no such token"));
     };
-    let tokens = state.tokens.clone();
-    let target = id.clone();
-    let existed = tokio::task::spawn_blocking(move || tokens.revoke(&target))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let existed = state.tokens.revoke_shared(&id).await.map_err(token_error)?;
     if !existed {
         return Err(ApiError::not_found(format!("no token with id {id}")));
     }
     tracing::info!(%id, "token revoked");
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Cluster mode: the shared map is out of reach (503, retry); anything else is ours.
+fn token_error(e: AuthError) -> ApiError {
+    match e {
+        AuthError::Shared(e) => ApiError::unavailable(format!("{e}; retry")),
+        other => ApiError::internal(other),
+    }
 }

@@ -279,14 +279,19 @@ impl Shared {
     }
 }
 
-/// Connects, checks (or creates) the stream, and starts the applier, the sequencer
-/// candidate and the head watcher. Tasks end when `shutdown` is cancelled.
-pub async fn start(
-    opts: &ClusterOptions,
-    store: Arc<Store>,
-    writer: Writer,
-    shutdown: CancellationToken,
-) -> Result<Cluster, ClusterError> {
+/// A node connected to the cluster, before its tasks run: what start-up needs from the
+/// cluster before the writer exists (the checkpoint key, tokens).
+pub struct Connection {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    log: stream::Stream,
+    names: Names,
+    pub shared: Shared,
+}
+
+/// Connects, and checks (or creates) the stream. A NATS cluster that is starting too
+/// gets up to 30 s to elect its JetStream leaders.
+pub async fn connect(opts: &ClusterOptions) -> Result<Connection, ClusterError> {
     let names = Names::new(&opts.stream);
     let client = async_nats::ConnectOptions::new()
         .name(format!("cairn {}", opts.node))
@@ -300,7 +305,6 @@ pub async fn start(
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(2))
         .build(client.clone());
-    // A NATS cluster that is starting too has no JetStream leader for a few seconds.
     let deadline = std::time::Instant::now() + START_WAIT;
     let log = loop {
         match create_log_stream(&js, &names, opts.replicas).await {
@@ -311,6 +315,36 @@ pub async fn start(
             other => break other?,
         }
     };
+    let shared = Shared {
+        js: js.clone(),
+        stream: names.stream.clone(),
+        replicas: opts.replicas,
+    };
+    Ok(Connection {
+        client,
+        js,
+        log,
+        names,
+        shared,
+    })
+}
+
+/// Starts the applier, the sequencer candidate and the head watcher. Tasks end when
+/// `shutdown` is cancelled.
+pub async fn start(
+    connection: Connection,
+    opts: &ClusterOptions,
+    store: Arc<Store>,
+    writer: Writer,
+    shutdown: CancellationToken,
+) -> Result<Cluster, ClusterError> {
+    let Connection {
+        client,
+        js,
+        log,
+        names,
+        shared,
+    } = connection;
     let lease = sequencer::lease_bucket(&js, &names, opts.replicas, opts.lease).await?;
     let (start_target, _) = read_stream_head(&log, &names)
         .await
@@ -337,11 +371,6 @@ pub async fn start(
     tokio::spawn(applier::run(log.clone(), writer.clone(), shutdown.clone()));
     tokio::spawn(mark_ready(status.clone(), start_target, shutdown.clone()));
     tokio::spawn(watch_stream_head(status.clone(), shutdown.clone()));
-    let shared = Shared {
-        js: js.clone(),
-        stream: names.stream.clone(),
-        replicas: opts.replicas,
-    };
     tokio::spawn(
         sequencer::Sequencer {
             client: client.clone(),

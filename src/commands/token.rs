@@ -56,6 +56,15 @@ fn print_list(rows: &[Listed]) {
 fn offline(args: &TokenArgs, data: &std::path::Path) -> Result<(), String> {
     let dir = DataDir::lock_existing(data).map_err(|e| e.to_string())?;
     let store = Arc::new(Store::open(dir).map_err(|e| e.to_string())?);
+    let cluster = store.cluster_stream().map_err(|e| e.to_string())?;
+    if let Some(stream) = cluster.filter(|_| !matches!(args.action, TokenAction::List)) {
+        // A change here would reach this node only, and be undone when it rejoins.
+        return Err(format!(
+            "{} is a node of the cluster stream {stream}: its tokens are the cluster's; \
+             create or revoke them through a running node (--url with an admin token)",
+            data.display()
+        ));
+    }
     let tokens = Tokens::load(store).map_err(|e| e.to_string())?;
     match &args.action {
         TokenAction::Create { role, name, types } => {
