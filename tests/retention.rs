@@ -149,7 +149,79 @@ fn retain_events_settles_and_everything_still_proves_itself() {
     );
     assert_eq!(code, 0, "{out}{err}");
 
-    // The checkpoint saved before pruning is consistent with the newest.
+    // The checkpoint saved before pruning is consistent with the newest: for SPEC §1's
+    // independent auditor (examples/auditor.py) first, then for `cairn verify`, which
+    // replaces the saved file on success.
+    let newest = server.get_text("/v1/checkpoint").1;
+    let (old_size, new_size) = (
+        checkpoint_size(&std::fs::read_to_string(saved.path()).unwrap()),
+        checkpoint_size(&newest),
+    );
+    assert!(
+        old_size < first_seq && new_size >= first_seq,
+        "{old_size} {new_size}"
+    );
+    let files = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (old_cp, new_cp) = (
+        put("old", &std::fs::read_to_string(saved.path()).unwrap()),
+        put("new", &newest),
+    );
+    let consistency = server
+        .get_text(&format!(
+            "/v1/proof/consistency?from={old_size}&to={new_size}"
+        ))
+        .1;
+    let proof_file = put("consistency.json", &consistency);
+    let (ok, out) = auditor(&[
+        "consistency",
+        "--key",
+        key.trim(),
+        "--old",
+        &old_cp,
+        "--new",
+        &new_cp,
+        &proof_file,
+    ]);
+    assert!(ok, "{out}");
+    // A proof from the saved size that does not lead to the newest root is refused.
+    let mut bad: Value = serde_json::from_str(&consistency).unwrap();
+    bad["data"]["hashes"][0] = json!("0".repeat(64));
+    let bad = bad.to_string();
+    let (ok, _) = auditor(&[
+        "consistency",
+        "--key",
+        key.trim(),
+        "--old",
+        &old_cp,
+        "--new",
+        &new_cp,
+        &put("bad.json", &bad),
+    ]);
+    assert!(!ok, "the auditor accepted a tampered proof: {bad}");
+    // A retained event's inclusion proof in the newest checkpoint.
+    let (_, event) = server.get("/v1/events?limit=1");
+    let event_file = put("event.json", &event["data"][0].to_string());
+    let inclusion = server
+        .get_text(&format!(
+            "/v1/proof/inclusion?seq={first_seq}&size={new_size}"
+        ))
+        .1;
+    let (ok, out) = auditor(&[
+        "inclusion",
+        "--key",
+        key.trim(),
+        "--checkpoint",
+        &new_cp,
+        &event_file,
+        &put("inclusion.json", &inclusion),
+    ]);
+    assert!(ok, "{out}");
+
     let (code, out, err) = cairn(
         &[
             "verify",
@@ -257,6 +329,36 @@ fn retain_events_settles_and_everything_still_proves_itself() {
         out.contains(&format!("{} events verified", head["seq"])),
         "{out}"
     );
+    // And for the auditor, against the newest checkpoint: chain from seq 1 and the
+    // Merkle root of everything ever appended, pruned part included.
+    let (ok, out) = auditor(&[
+        "export",
+        "--key",
+        key.trim(),
+        "--checkpoint",
+        &new_cp,
+        &put("all.ndjson", &all),
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{} events, chain intact", head["seq"])),
+        "{out}"
+    );
+}
+
+/// SPEC §1's independent auditor (`examples/auditor.py`; Python with `cryptography` and
+/// `rfc8785`, which CI installs).
+fn auditor(args: &[&str]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/auditor.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3 examples/auditor.py");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
