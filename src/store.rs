@@ -689,6 +689,14 @@ impl Store {
         *self.horizon.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The horizon, once a prune whose removal a read may already have seen has also
+    /// published its horizon (a prune holds the exclusive side while it does both): a
+    /// reader that checks this after reading never misses the prune that hid its events.
+    pub fn horizon_after_reads(&self) -> Horizon {
+        let _shared = self.pruning.read().unwrap_or_else(|p| p.into_inner());
+        self.horizon()
+    }
+
     /// The first retained event's seq and id; `None` on an empty log.
     pub fn first_retained(&self) -> Result<Option<(u64, Ulid)>> {
         if self.head().seq == 0 {

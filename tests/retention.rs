@@ -550,3 +550,194 @@ fn retain_for_and_retain_bytes_settle_at_their_bounds() {
         "{v}"
     );
 }
+
+/// Reads SSE frames (blank-line separated) from `reader` until `stop` says so; returns
+/// each frame's `id`, `event` and `data` lines.
+fn read_sse_frames(
+    reader: &mut impl Read,
+    buffer: &mut String,
+    mut stop: impl FnMut(&(String, String, String)) -> bool,
+) -> Vec<(String, String, String)> {
+    let mut frames = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let text: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let frame = (field("id: "), field("event: "), field("data: "));
+            let done = stop(&frame);
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+        let n = reader.read(&mut chunk).expect("read the stream");
+        assert!(n > 0, "the stream ended");
+        buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+}
+
+/// Checks one stream's delivery across a prune that overtook it: events contiguous from
+/// seq 1, then one `connected` frame naming the horizon, then events from the horizon
+/// on, contiguous, to the head. `frames`: (event type or "connected", data).
+fn assert_overtaken_in_band(
+    frames: &[(String, String)],
+    horizon_id: &str,
+    horizon_seq: u64,
+    head: u64,
+) {
+    let mut expected = 1;
+    let mut announced = 0;
+    for (kind, data) in frames {
+        let value: Value = serde_json::from_str(data).unwrap();
+        if kind == "connected" {
+            announced += 1;
+            assert_eq!(value["pruned_before"], horizon_id, "{value}");
+            assert!(
+                expected < horizon_seq,
+                "announced after the horizon: {value}"
+            );
+            expected = horizon_seq;
+            continue;
+        }
+        assert_eq!(value["seq"].as_u64(), Some(expected), "a silent gap");
+        expected += 1;
+    }
+    assert_eq!(announced, 1, "the jump is announced exactly once");
+    assert_eq!(expected, head + 1, "delivered to the head");
+}
+
+/// A subscriber that is connected but behind, overtaken by a prune: its stream goes on
+/// at the horizon and says so in band with a `connected` frame carrying
+/// `pruned_before` (SSE and WebSocket), never skipping silently.
+#[test]
+fn a_stream_overtaken_by_the_pruner_says_so_in_band() {
+    let server = Server::start(&[]);
+    // 24 MB of events: far more than socket buffers and the stream's read-ahead hold,
+    // so a subscriber that stops reading near the start stays there.
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let events: Vec<Value> = (0..200)
+            .map(|i| json!({"type": "t", "data": {"i": i, "pad": "x".repeat(4_000)}}))
+            .collect();
+        let (status, body) = server.post_json(&json!({ "events": events }));
+        assert_eq!(status, 201, "{body}");
+        ids.extend(
+            body["data"]["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    wait_checkpoint_covers_head(&server);
+    let head = server.head()["seq"].as_u64().unwrap();
+
+    // Both subscribers take the connected frame and one event, then stop reading.
+    let mut sse = server
+        .http()
+        .get(server.url("/v1/events/stream?since=earliest"))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    let mut sse_buffer = String::new();
+    let mut sse_frames = read_sse_frames(&mut sse, &mut sse_buffer, |f| f.1 == "t");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    use futures_util::StreamExt;
+    let ws_url = format!(
+        "ws://{}/v1/events/ws?since=earliest&token={}",
+        server.addr, server.token
+    );
+    let (mut ws, _) = rt
+        .block_on(tokio_tungstenite::connect_async(ws_url))
+        .unwrap();
+    let mut ws_frames = Vec::new();
+    for _ in 0..2 {
+        let message = rt.block_on(ws.next()).unwrap().unwrap();
+        ws_frames.push(message.into_text().unwrap().to_string());
+    }
+
+    // Prune far past both.
+    let url = format!("http://{}", server.addr);
+    let (code, out, err) = cairn(
+        &[
+            "prune",
+            "--before",
+            &ids[5_400],
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let h = server.head();
+    let horizon_seq = h["first_seq"].as_u64().unwrap();
+    let horizon_id = h["first_id"].as_str().unwrap().to_string();
+    assert!(horizon_seq > 5_000, "{h}");
+
+    // SSE: drain to the head.
+    sse_frames.extend(read_sse_frames(&mut sse, &mut sse_buffer, |f| {
+        f.1 == "t" && f.0 == ids[ids.len() - 1]
+    }));
+    let in_band = sse_frames
+        .iter()
+        .skip(1)
+        .find(|f| f.1 == "connected")
+        .unwrap();
+    assert_eq!(
+        in_band.0,
+        ids[horizon_seq as usize - 2],
+        "the frame's id is the last pruned id"
+    );
+    let sse_frames: Vec<(String, String)> = sse_frames
+        .into_iter()
+        .skip(1)
+        .map(|(_, kind, data)| (kind, data))
+        .collect();
+    assert_overtaken_in_band(&sse_frames, &horizon_id, horizon_seq, head);
+
+    // WebSocket: the same.
+    let seq_of = |text: &str| serde_json::from_str::<Value>(text).unwrap()["seq"].as_u64();
+    while seq_of(ws_frames.last().unwrap()) != Some(head) {
+        let message = rt.block_on(ws.next()).unwrap().unwrap();
+        ws_frames.push(message.into_text().unwrap().to_string());
+    }
+    let ws_frames: Vec<(String, String)> = ws_frames
+        .into_iter()
+        .skip(1)
+        .map(|text| {
+            let kind = if text.contains("\"type\":\"connected\"") {
+                "connected"
+            } else {
+                "t"
+            };
+            (kind.to_string(), text)
+        })
+        .collect();
+    assert_overtaken_in_band(&ws_frames, &horizon_id, horizon_seq, head);
+
+    // A resume from before the horizon still says so in its first frame (and only there).
+    let mut resumed = server
+        .http()
+        .get(server.url(&format!("/v1/events/stream?since={}", ids[0])))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    let frames = read_sse_frames(&mut resumed, &mut String::new(), |f| f.1 == "t");
+    let connected: Value = serde_json::from_str(&frames[0].2).unwrap();
+    assert_eq!(connected["pruned_before"], horizon_id.as_str());
+    let first: Value = serde_json::from_str(&frames[1].2).unwrap();
+    assert_eq!(first["seq"].as_u64(), Some(horizon_seq));
+}
