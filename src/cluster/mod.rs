@@ -24,6 +24,7 @@
 mod applier;
 mod forward;
 mod sequencer;
+mod shared;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,7 @@ use crate::store::{Store, bincode_config};
 use crate::writer::{SealedKey, Writer};
 
 pub use forward::Forwarder;
+pub use shared::{SharedEntry, SharedError, SharedMap, Written};
 
 /// How a node joins the cluster (`cairn serve --nats …`).
 #[derive(Debug, Clone)]
@@ -251,6 +253,30 @@ async fn read_stream_head(
 pub struct Cluster {
     pub status: Arc<Status>,
     pub forwarder: Arc<Forwarder>,
+    pub shared: Shared,
+}
+
+/// Opens the [`SharedMap`]s other modules keep their cluster-wide state in.
+#[derive(Clone)]
+pub struct Shared {
+    js: jetstream::Context,
+    stream: String,
+    replicas: usize,
+}
+
+impl Shared {
+    /// The map `name` of this cluster (bucket `<stream>_<name>`), created if absent.
+    /// `name`: letters, digits, `-` and `_`.
+    pub async fn map(&self, name: &str) -> Result<SharedMap, ClusterError> {
+        self.map_with_ttl(name, Duration::ZERO).await
+    }
+
+    /// Like [`Shared::map`], with entries that expire `ttl` after their last write
+    /// (leases: the holder renews well within `ttl`).
+    pub async fn map_with_ttl(&self, name: &str, ttl: Duration) -> Result<SharedMap, ClusterError> {
+        let bucket = format!("{}_{name}", self.stream);
+        shared::open(&self.js, &bucket, self.replicas, ttl).await
+    }
 }
 
 /// Connects, checks (or creates) the stream, and starts the applier, the sequencer
@@ -311,6 +337,11 @@ pub async fn start(
     tokio::spawn(applier::run(log.clone(), writer.clone(), shutdown.clone()));
     tokio::spawn(mark_ready(status.clone(), start_target, shutdown.clone()));
     tokio::spawn(watch_stream_head(status.clone(), shutdown.clone()));
+    let shared = Shared {
+        js: js.clone(),
+        stream: names.stream.clone(),
+        replicas: opts.replicas,
+    };
     tokio::spawn(
         sequencer::Sequencer {
             client: client.clone(),
@@ -326,7 +357,11 @@ pub async fn start(
         .run(shutdown),
     );
     let forwarder = Arc::new(Forwarder::new(client, names.ingest.clone(), writer));
-    Ok(Cluster { status, forwarder })
+    Ok(Cluster {
+        status,
+        forwarder,
+        shared,
+    })
 }
 
 /// The log stream's settings (SPEC §6): file storage, no limits, single deletes denied,

@@ -34,36 +34,18 @@ const MESSAGE_OVERHEAD: usize = 4096;
 /// How long a new sequencer waits for its copy to reach the stream's head.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(10);
 
-/// Creates the lease bucket's stream directly: async-nats's `create_key_value` reads
-/// `$JS.API.INFO` fields nats-server 2.9 does not send (docs/cluster.md, gotcha 1).
-/// Direct gets are off, so reads go through the stream leader and are never stale.
+/// The lease bucket: one key, expiring `lease` after its holder's last renewal.
 pub(super) async fn lease_bucket(
     js: &jetstream::Context,
     names: &Names,
     replicas: usize,
     lease: Duration,
 ) -> Result<kv::Store, ClusterError> {
-    let bucket = &names.lease_bucket;
-    let config = stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        allow_rollup: true,
-        deny_delete: true,
-        discard: stream::DiscardPolicy::New,
-        max_age: lease,
-        num_replicas: replicas,
-        allow_direct: false,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    if let Err(e) = js.create_stream(config).await {
-        // Created by another node, maybe with another lease time: use it as it is.
-        tracing::debug!(error = %e, "the lease bucket exists");
-    }
-    js.get_key_value(bucket.clone())
-        .await
-        .map_err(|e| ClusterError::JetStream(format!("the lease bucket {bucket}: {e}")))
+    Ok(
+        super::shared::open(js, &names.lease_bucket, replicas, lease)
+            .await?
+            .kv,
+    )
 }
 
 pub(super) struct Sequencer {
