@@ -236,10 +236,6 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         shutdown.clone(),
     ));
     if opts.retention.is_bounded() {
-        if opts.retention.retain_bytes.is_some() {
-            let bytes = store.count_chunk_bytes()?;
-            tracing::info!(bytes, "counted the stored log's bytes for --retain-bytes");
-        }
         tracing::info!(policy = ?opts.retention, "retention: the pruner is running");
         tokio::spawn(crate::retention::run(
             store.clone(),

@@ -297,7 +297,7 @@ impl Subscription {
 
     fn spawn_read(
         &mut self,
-        scan: Option<Scan>,
+        scan: Option<Box<Scan>>,
         after: Ulid,
     ) -> tokio::task::JoinHandle<Result<Read, StoreError>> {
         let store = self.store.clone();
@@ -311,7 +311,7 @@ impl Subscription {
 /// What one store read found.
 enum Read {
     /// Matching events, the last event scanned (id and seq), and the scan to continue.
-    Batch(Vec<Event>, Option<(Ulid, u64)>, Option<Scan>),
+    Batch(Vec<Event>, Option<(Ulid, u64)>, Option<Box<Scan>>),
     /// Events after the cursor were pruned: the horizon, and the first retained id.
     Overtaken(Horizon, Option<Ulid>),
 }
@@ -326,7 +326,7 @@ enum Read {
 /// that follows makes that check.
 fn read_batch(
     store: &Store,
-    scan: Option<Scan>,
+    scan: Option<Box<Scan>>,
     after: Ulid,
     selector: &dyn Selector,
     limit: usize,
@@ -336,7 +336,7 @@ fn read_batch(
     let mut last_scanned = None;
     let mut scanned = 0;
     let (mut scan, mut fresh) = match scan {
-        Some(scan) => (scan, false),
+        Some(scan) => (*scan, false),
         None => (store.scan_after(after)?, true),
     };
     let mut unchecked = fresh;
@@ -371,7 +371,7 @@ fn read_batch(
                     || bytes >= REPLAY_BATCH_BYTES
                     || scanned >= REPLAY_BATCH_EVENTS * 8
                 {
-                    return Ok(Read::Batch(matching, last_scanned, Some(scan)));
+                    return Ok(Read::Batch(matching, last_scanned, Some(Box::new(scan))));
                 }
             }
             None if fresh || last_scanned.is_some() => {
