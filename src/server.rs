@@ -79,6 +79,12 @@ pub enum ServeError {
     Webhook(#[from] crate::webhook::WebhookError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(
+        "refusing to start: --retain-for, --retain-events, --retain-bytes and --archive do not \
+         work with --nats yet: in cluster mode retention must be one decision for the whole \
+         cluster (SPEC §8), which is not built (docs/retention.md, \"Cluster mode\")"
+    )]
+    RetentionInCluster,
 }
 
 /// Re-derives the chain of the newest events; a break means the data was altered or
@@ -119,6 +125,11 @@ pub fn check_tail(store: &Store, dir: &std::path::Path) -> Result<(), ServeError
 }
 
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    // A node pruning on its own would get a horizon of its own (and the stream would
+    // never be trimmed): refused until retention is a cluster-wide decision.
+    if opts.cluster.is_some() && (opts.retention.is_bounded() || opts.retention.archive.is_some()) {
+        return Err(ServeError::RetentionInCluster);
+    }
     let dir = DataDir::lock(&opts.data)?;
     let store = Arc::new(Store::open(dir)?);
     check_tail(&store, &opts.data)?;

@@ -749,3 +749,28 @@ fn a_stream_overtaken_by_the_pruner_says_so_in_band() {
     let first: Value = serde_json::from_str(&frames[1].2).unwrap();
     assert_eq!(first["seq"].as_u64(), Some(horizon_seq));
 }
+
+/// Retention in cluster mode must be one decision for the cluster (SPEC §8), which is not
+/// built: a node refuses to start with a bound or an archive rather than prune alone.
+#[test]
+fn a_cluster_node_refuses_retention_flags() {
+    let data = tempfile::tempdir().unwrap();
+    for flags in [
+        &["--retain-events", "10"][..],
+        &["--archive", data.path().join("archive").to_str().unwrap()][..],
+    ] {
+        let mut args = vec![
+            "serve",
+            "--data",
+            data.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--nats",
+            "nats://127.0.0.1:9",
+        ];
+        args.extend_from_slice(flags);
+        let (code, out, err) = cairn(&args, &[]);
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(err.contains("one decision for the whole cluster"), "{err}");
+    }
+}

@@ -27,7 +27,7 @@ use crate::auth::{Caller, Role};
 use crate::cursor::{self, ZERO};
 use crate::event::Event;
 use crate::half_close::PeerShutdown;
-use crate::store::Store;
+use crate::store::{Head, Store};
 use crate::subscription::{Item, Selector, Subscription};
 use std::pin::Pin;
 use tokio::time::Sleep;
@@ -130,17 +130,18 @@ pub(super) fn start_at_horizon(store: &Store, cursor: Ulid) -> (Ulid, Option<Str
     }
 }
 
-/// A `connected` frame's data: the cursor delivery continues after, the head, and
-/// `pruned_before` when events after the client's cursor were pruned.
+/// A `connected` frame's data: the cursor delivery continues after, the head (the one a
+/// live stream's cursor was taken from), and `pruned_before` when events after the
+/// client's cursor were pruned.
 pub(super) fn connected_json(
-    store: &Store,
+    head: &Head,
     cursor: Ulid,
     pruned_before: Option<String>,
 ) -> serde_json::Value {
     let mut connected = serde_json::json!({
         "type": "connected",
         "cursor": cursor.to_string(),
-        "head": head_json(&store.head()),
+        "head": head_json(head),
     });
     if let Some(id) = pruned_before {
         connected["pruned_before"] = id.into();
@@ -208,7 +209,8 @@ pub async fn stream(
     let Some(slot) = state.streams.try_acquire() else {
         return Ok(too_many());
     };
-    let start = start_cursor(&headers, &params, &selection, state.store.head().id)?;
+    let head = state.store.head();
+    let start = start_cursor(&headers, &params, &selection, head.id)?;
     // `id:`-only frames tell a filtered client how far the scan went. A token with an
     // allow-list must not learn the ids of events it may not see, so it gets plain
     // heartbeats (and rescans what its filter passed over after a reconnect).
@@ -225,7 +227,7 @@ pub async fn stream(
         Arc::new(selection),
         state.stream_stats.clone(),
     );
-    let connected = connected_json(&state.store, start, pruned_before);
+    let connected = connected_json(&head, start, pruned_before);
     let first = Bytes::from(format!(
         "retry: {RETRY_MS}\nid: {start}\nevent: connected\ndata: {connected}\n\n"
     ));
@@ -342,8 +344,9 @@ impl SseBody {
                     cursor, first_id, ..
                 })) => {
                     self.sent_id = cursor;
+                    let head = self.store.head();
                     let connected =
-                        connected_json(&self.store, cursor, first_id.map(|id| id.to_string()));
+                        connected_json(&head, cursor, first_id.map(|id| id.to_string()));
                     Bytes::from(format!(
                         "id: {cursor}\nevent: connected\ndata: {connected}\n\n"
                     ))

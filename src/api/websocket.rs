@@ -162,11 +162,11 @@ pub async fn events_ws(
         .map_err(|e| ApiError::bad_request(e.body_text()))
         .and_then(|Query(params)| {
             let selection = stream_selection(&params, &caller)?;
-            let head_id = state.store.head().id;
-            let start = start_cursor(&headers, &params, &selection, head_id)?;
-            Ok((start, selection))
+            let head = state.store.head();
+            let start = start_cursor(&headers, &params, &selection, head.id)?;
+            Ok((start, selection, head))
         });
-    let (start, selection) = match start {
+    let (start, selection, head) = match start {
         Ok(start) => start,
         Err(e) => return refuse(upgrade, state.stream, e, close::BAD_REQUEST),
     };
@@ -181,7 +181,7 @@ pub async fn events_ws(
         Arc::new(selection),
         state.stream_stats.clone(),
     );
-    let connected = text_json(&connected_json(&state.store, start, pruned_before));
+    let connected = text_json(&connected_json(&head, start, pruned_before));
     let tracked = state.stream.connections.token();
     let connection = Connection {
         subscription,
@@ -321,7 +321,8 @@ impl Connection {
                     Some(Ok(Item::Pruned { cursor, first_id, .. })) => {
                         self.delivered = cursor;
                         let pruned_before = first_id.map(|id| id.to_string());
-                        vec![text_json(&connected_json(&self.store, cursor, pruned_before))]
+                        let head = self.store.head();
+                        vec![text_json(&connected_json(&head, cursor, pruned_before))]
                     }
                 },
             };
@@ -345,7 +346,7 @@ impl Connection {
                 // The new position is where "continue after the last event sent" starts
                 // from until an event is sent.
                 self.delivered = after;
-                text_json(&connected_json(&self.store, after, pruned_before))
+                text_json(&connected_json(&self.store.head(), after, pruned_before))
             }
             Err(e) => error_message(&e),
         }
