@@ -3,8 +3,10 @@
 //! batches of 100 from 4 connections, fsync'd or buffered): prints events/s, batch latency percentiles, RSS and disk use.
 //!
 //! `cargo bench --bench ingest` runs all; `cargo bench --bench ingest -- w1` runs one
-//! (names: w1, w2, single, rss). `CAIRN_BENCH_EVENTS_RSS` overrides the 1,000,000 events
-//! of the RSS run.
+//! (names: w1, w2, single, rss, retention). `CAIRN_BENCH_EVENTS_RSS` overrides the
+//! 1,000,000 events of the RSS run. `retention` alternates servers with and without a
+//! pruner at work (`--retain-events 100000`, 2,000,000 events: the pruner removes
+//! chunks every second for most of the run) and prints each pair's throughput ratio.
 
 mod support;
 
@@ -99,7 +101,7 @@ fn report(name: &str, rate: f64, lat: &[u64], server_cpu_us_per_event: f64) {
     );
 }
 
-/// Runs `ingest` and reports it with the server's CPU cost per event.
+/// Runs `ingest` and reports it with the server's CPU cost per event; returns events/s.
 fn measure(
     rt: &tokio::runtime::Runtime,
     s: &Server,
@@ -107,11 +109,12 @@ fn measure(
     conns: usize,
     batch: u64,
     total: u64,
-) {
+) -> f64 {
     let cpu0 = s.cpu_secs();
     let (rate, lat) = rt.block_on(ingest(s, conns, batch, total));
     let cpu = s.cpu_secs() - cpu0;
     report(name, rate, &lat, cpu * 1e6 / total as f64);
+    rate
 }
 
 fn main() {
@@ -139,6 +142,55 @@ fn main() {
     if wanted("single") {
         let s = Server::start("fsync", &[]);
         measure(&rt, &s, "fsync, 64 conns x 1 event/request", 64, 1, 64_000);
+    }
+    if wanted("retention") {
+        for sync in ["fsync", "none"] {
+            let mut ratios = Vec::new();
+            for pair in 1..=4 {
+                let mut rates = [0.0; 2];
+                // Alternate which goes first, so a drift of the machine's speed within
+                // a pair does not always favour the same side.
+                let order = if pair % 2 == 1 { [0, 1] } else { [1, 0] };
+                for i in order {
+                    let extra: &[&str] = if i == 0 {
+                        &[]
+                    } else {
+                        &["--retain-events", "100000"]
+                    };
+                    let s = Server::start(sync, extra);
+                    let name = format!(
+                        "--sync {sync}, pair {pair}, {}",
+                        if i == 0 {
+                            "no retention"
+                        } else {
+                            "pruner running"
+                        }
+                    );
+                    rates[i] = measure(&rt, &s, &name, 4, 100, 2_000_000);
+                    if i == 1 {
+                        let head: serde_json::Value = reqwest::blocking::Client::new()
+                            .get(format!("http://{}/v1/head", s.addr))
+                            .header("authorization", s.auth())
+                            .send()
+                            .and_then(|r| r.json())
+                            .unwrap_or_default();
+                        let (seq, first) = (&head["data"]["seq"], &head["data"]["first_seq"]);
+                        println!("  head seq {seq}, first retained seq {first}");
+                    }
+                }
+                ratios.push(rates[1] / rates[0]);
+            }
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "--sync {sync}: throughput with the pruner / without, per pair (sorted): {}; median {:.3}",
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                (ratios[1] + ratios[2]) / 2.0
+            );
+        }
     }
     if wanted("rss") {
         let total: u64 = std::env::var("CAIRN_BENCH_EVENTS_RSS")

@@ -110,6 +110,11 @@ pub fn prune_to(
             "pruned"
         );
     }
+    // One flush for every batch of this call, not one each: each flush is sled's whole
+    // log, which the writer's group commits are waiting on too.
+    if removed > 0 {
+        store.sync()?;
+    }
     let horizon = store.horizon();
     let head = store.head().seq;
     let mut kept = Vec::new();

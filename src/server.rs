@@ -88,6 +88,12 @@ pub enum ServeError {
         stream: String,
         wanted: String,
     },
+    #[error(
+        "refusing to start: --retain-for, --retain-events, --retain-bytes and --archive do not \
+         work with --nats yet: in cluster mode retention must be one decision for the whole \
+         cluster (SPEC §8), which is not built (docs/retention.md, \"Cluster mode\")"
+    )]
+    RetentionInCluster,
 }
 
 /// Re-derives the chain of the newest events; a break means the data was altered or
@@ -128,6 +134,11 @@ pub fn check_tail(store: &Store, dir: &std::path::Path) -> Result<(), ServeError
 }
 
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    // A node pruning on its own would get a horizon of its own (and the stream would
+    // never be trimmed): refused until retention is a cluster-wide decision.
+    if opts.cluster.is_some() && (opts.retention.is_bounded() || opts.retention.archive.is_some()) {
+        return Err(ServeError::RetentionInCluster);
+    }
     let dir = DataDir::lock(&opts.data)?;
     let store = Arc::new(Store::open(dir)?);
     check_tail(&store, &opts.data)?;
@@ -277,10 +288,6 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         shutdown.clone(),
     ));
     if opts.retention.is_bounded() {
-        if opts.retention.retain_bytes.is_some() {
-            let bytes = store.count_chunk_bytes()?;
-            tracing::info!(bytes, "counted the stored log's bytes for --retain-bytes");
-        }
         tracing::info!(policy = ?opts.retention, "retention: the pruner is running");
         tokio::spawn(crate::retention::run(
             store.clone(),

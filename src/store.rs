@@ -15,6 +15,8 @@
 //! | `n` | the tree size when signed checkpoints started being noted (8 B): blocks below it count as cut |
 //! | `c` ‖ block (8 B) | a signed checkpoint's size falls inside this 64-leaf block (value empty) |
 //! | `k` ‖ block (8 B) | leaf hashes of pruned leaves of this block, from its first leaf on (32 B each) |
+//! | `ba` | compressed chunk bytes ever appended (8 B; written by each group commit) |
+//! | `br` | compressed chunk bytes ever pruned (8 B; written by each prune) |
 //!
 //! Retention (`docs/retention.md`) removes whole chunks oldest first ([`Store::prune`]),
 //! their seq index entries, and writes the horizon, in one batch. The `m` hashes are
@@ -56,7 +58,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
@@ -92,6 +94,10 @@ const PRUNE_BATCH_CHUNKS: usize = 256;
 const STREAM_POSITION_KEY: &[u8] = b"p";
 /// Cluster mode: the JetStream stream whose log this directory copies.
 const CLUSTER_STREAM_KEY: &[u8] = b"N";
+/// The stored log's size is `ba − br`: two totals, each with a single writer (the writer
+/// thread; a prune), so neither update races the other.
+const APPENDED_BYTES_KEY: &[u8] = b"ba";
+const PRUNED_BYTES_KEY: &[u8] = b"br";
 /// Leaves per tree value: with the tree's lower levels not stored, about 16 KiB.
 const TREE_LEAVES_PER_VALUE: u64 = 16_384;
 
@@ -539,9 +545,11 @@ pub struct Store {
     /// Held (shared) by reads that combine kept leaf hashes with events, and
     /// (exclusively) while a prune's batch is applied, so they never see half of it.
     pruning: RwLock<()>,
-    /// Compressed bytes of the retained chunks, once counted ([`Store::count_chunk_bytes`]).
-    chunk_bytes: std::sync::atomic::AtomicU64,
-    chunk_bytes_counted: std::sync::atomic::AtomicBool,
+    /// Compressed chunk bytes ever appended and ever pruned (`ba`, `br`).
+    appended_bytes: std::sync::atomic::AtomicU64,
+    pruned_bytes: std::sync::atomic::AtomicU64,
+    /// One prune at a time (the background pruner and a manual prune may overlap).
+    prune_lock: Mutex<()>,
     /// The tree size from which signed checkpoints are noted (`n`).
     noted_from: u64,
     _dir: DataDir,
@@ -601,6 +609,22 @@ fn settings_damage(path: &Path) -> Result<Option<&'static str>> {
     Ok(None)
 }
 
+/// An 8-byte big-endian record, if present.
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>> {
+    tree.get(key)?
+        .map(|v| {
+            <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "malformed {:?} record",
+                        String::from_utf8_lossy(key)
+                    ))
+                })
+        })
+        .transpose()
+}
+
 /// fsyncs sled's settings file and the directories that name it, which sled never does,
 /// so the file a power cut can tear is on disk before the first event is acknowledged.
 fn sync_settings_file(data_dir: &Path, db_path: &Path) -> Result<()> {
@@ -647,8 +671,9 @@ impl Store {
             chunk_cache: quick_cache::sync::Cache::new(CHUNK_CACHE_ENTRIES),
             horizon: RwLock::new(Horizon::default()),
             pruning: RwLock::new(()),
-            chunk_bytes: Default::default(),
-            chunk_bytes_counted: Default::default(),
+            appended_bytes: Default::default(),
+            pruned_bytes: Default::default(),
+            prune_lock: Mutex::new(()),
             noted_from: 0,
             _dir: dir,
         };
@@ -682,6 +707,28 @@ impl Store {
                 head.seq
             }
         };
+        let (appended, pruned) = match (
+            read_u64(&store.log, APPENDED_BYTES_KEY)?,
+            read_u64(&store.log, PRUNED_BYTES_KEY)?,
+        ) {
+            (Some(appended), pruned) => (appended, pruned.unwrap_or(0)),
+            (None, _) => {
+                // A log written before the totals existed: count its chunks once.
+                let stored = store.count_chunk_bytes()?;
+                if stored > 0 {
+                    store
+                        .log
+                        .insert(APPENDED_BYTES_KEY, &stored.to_be_bytes()[..])?;
+                    store
+                        .log
+                        .insert(PRUNED_BYTES_KEY, &0u64.to_be_bytes()[..])?;
+                    store.db.flush()?;
+                }
+                (stored, 0)
+            }
+        };
+        *store.appended_bytes.get_mut() = appended;
+        *store.pruned_bytes.get_mut() = pruned;
         store.set_committed(head);
         Ok(store)
     }
@@ -689,6 +736,14 @@ impl Store {
     /// The retention horizon (webhooks read it to count what they skipped).
     pub fn horizon(&self) -> Horizon {
         *self.horizon.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The horizon, once a prune whose removal a read may already have seen has also
+    /// published its horizon (a prune holds the exclusive side while it does both): a
+    /// reader that checks this after reading never misses the prune that hid its events.
+    pub fn horizon_after_reads(&self) -> Horizon {
+        let _shared = self.pruning.read().unwrap_or_else(|p| p.into_inner());
+        self.horizon()
     }
 
     /// The first retained event's seq and id; `None` on an empty log.
@@ -700,9 +755,8 @@ impl Store {
         Ok(self.get_by_seq(first)?.map(|e| (e.seq, e.id)))
     }
 
-    /// Counts the compressed bytes of the stored chunks (one pass over the log), which
-    /// appends then keep up to date: what `--retain-bytes` bounds.
-    pub fn count_chunk_bytes(&self) -> Result<u64> {
+    /// Counts the compressed bytes of the stored chunks (one pass over the log).
+    fn count_chunk_bytes(&self) -> Result<u64> {
         let mut total = 0u64;
         for kv in self
             .log
@@ -710,23 +764,16 @@ impl Store {
         {
             total += kv?.1.len() as u64;
         }
-        self.chunk_bytes
-            .store(total, std::sync::atomic::Ordering::Relaxed);
-        self.chunk_bytes_counted
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(total)
     }
 
-    /// Compressed bytes of the retained chunks (valid after [`Store::count_chunk_bytes`]).
+    /// The stored log's size: compressed bytes of the retained chunks, what
+    /// `cairn_log_bytes` reports and `--retain-bytes` bounds (SPEC §8).
     pub fn chunk_bytes(&self) -> u64 {
-        self.chunk_bytes.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// [`Store::chunk_bytes`], if it was counted.
-    pub fn counted_chunk_bytes(&self) -> Option<u64> {
-        self.chunk_bytes_counted
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .then(|| self.chunk_bytes())
+        let appended = self
+            .appended_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        appended.saturating_sub(self.pruned_bytes.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Whether a signed checkpoint's size may fall inside `block` (its leaf hashes are
@@ -750,13 +797,15 @@ impl Store {
     /// Removes whole chunks, oldest first, whose events are all within `limit`, never
     /// the last event, and at most [`PRUNE_BATCH_CHUNKS`] chunks (call again for more).
     /// `archive` gets the events first and must have made them durable when it returns
-    /// `Ok`; then one batch removes them and records the new horizon. `None` when no
-    /// whole chunk is within the limit.
+    /// `Ok`; then one batch removes them and records the new horizon, durable with the
+    /// next [`Store::sync`] (until then a crash brings the events back, never half of
+    /// them). `None` when no whole chunk is within the limit.
     pub fn prune(
         &self,
         limit: PruneLimit,
         archive: &mut dyn FnMut(&[Event]) -> Result<()>,
     ) -> Result<Option<Pruned>> {
+        let _one_at_a_time = self.prune_lock.lock().unwrap_or_else(|p| p.into_inner());
         let horizon = self.horizon();
         let max_seq = limit.max_seq.min(self.head().seq.saturating_sub(1));
         if max_seq <= horizon.pruned_through {
@@ -769,6 +818,7 @@ impl Store {
             .range(&seq_key(horizon.first_seq())[..]..=&seq_key(u64::MAX)[..])
             .peekable();
         let mut chunks: Vec<(u64, Ulid)> = Vec::new();
+        let mut removed_bytes = 0u64;
         let mut events: Vec<Event> = Vec::new();
         while let Some(kv) = starts.next() {
             if chunks.len() >= PRUNE_BATCH_CHUNKS {
@@ -787,9 +837,13 @@ impl Store {
             let id = Ulid(u128::from_be_bytes(v.as_ref().try_into().map_err(
                 |_| StoreError::Corrupt("malformed seq index entry".into()),
             )?));
-            let chunk = self
-                .chunk(&event_key(id))?
+            // Read past the chunk cache: pruned chunks would only evict what readers use.
+            let bytes = self
+                .log
+                .get(event_key(id))?
                 .ok_or_else(|| StoreError::Corrupt(format!("chunk of seq {seq} is missing")))?;
+            removed_bytes += bytes.len() as u64;
+            let chunk = decode_chunk(&bytes)?;
             match chunk.last() {
                 Some(last) if last.id <= limit.max_id && last.seq == next_seq - 1 => {}
                 Some(last) if last.seq != next_seq - 1 => {
@@ -805,7 +859,7 @@ impl Store {
                     "chunk of seq {seq} is out of place"
                 )));
             }
-            events.extend(chunk.iter().cloned());
+            events.extend(chunk);
             chunks.push((seq, id));
         }
         let Some(last) = events.last() else {
@@ -819,11 +873,7 @@ impl Store {
                 .map_err(StoreError::Corrupt)?,
         };
         let mut batch = sled::Batch::default();
-        let mut removed_bytes = 0u64;
         for (seq, id) in &chunks {
-            if let Some(v) = self.log.get(event_key(*id))? {
-                removed_bytes += v.len() as u64;
-            }
             batch.remove(&event_key(*id)[..]);
             batch.remove(&seq_key(*seq)[..]);
         }
@@ -831,20 +881,19 @@ impl Store {
         let record = bincode::serde::encode_to_vec(new_horizon, bincode_config())
             .map_err(|e| StoreError::Corrupt(format!("horizon record: {e}")))?;
         batch.insert(HORIZON_KEY, record);
+        let pruned_bytes =
+            self.pruned_bytes.load(std::sync::atomic::Ordering::Relaxed) + removed_bytes;
+        batch.insert(PRUNED_BYTES_KEY, &pruned_bytes.to_be_bytes()[..]);
         {
             let _exclusive = self.pruning.write().unwrap_or_else(|p| p.into_inner());
             self.log.apply_batch(batch)?;
             *self.horizon.write().unwrap_or_else(|p| p.into_inner()) = new_horizon;
         }
-        self.sync()?;
         for (_, id) in &chunks {
             self.chunk_cache.remove(&id.0);
         }
-        let _ = self.chunk_bytes.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |b| Some(b.saturating_sub(removed_bytes)),
-        );
+        self.pruned_bytes
+            .store(pruned_bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(Pruned {
             first_seq: horizon.first_seq(),
             last_seq: new_horizon.pruned_through,
@@ -868,6 +917,16 @@ impl Store {
             let block = leaf / BLOCK_LEAVES;
             let block_end = (block + 1) * BLOCK_LEAVES;
             let n = ((block_end - leaf) as usize).min(pruned.len() - i);
+            let horizon_inside = pruned_through < block_end;
+            if !horizon_inside && !self.block_is_cut(block)? {
+                // Not kept: nothing to hash. Only a block the previous horizon fell
+                // inside can hold kept hashes already (its first leaf was pruned before).
+                if leaf != block * BLOCK_LEAVES {
+                    batch.remove(&block_key(KEPT_PREFIX, block)[..]);
+                }
+                i += n;
+                continue;
+            }
             let mut value = self
                 .log
                 .get(block_key(KEPT_PREFIX, block))?
@@ -884,12 +943,7 @@ impl Store {
                     &chain::stated_hash(event.line.as_bytes()).map_err(StoreError::Corrupt)?,
                 );
             }
-            let horizon_inside = pruned_through < block_end;
-            if horizon_inside || self.block_is_cut(block)? {
-                batch.insert(&block_key(KEPT_PREFIX, block)[..], value);
-            } else {
-                batch.remove(&block_key(KEPT_PREFIX, block)[..]);
-            }
+            batch.insert(&block_key(KEPT_PREFIX, block)[..], value);
             i += n;
         }
         Ok(())
@@ -925,9 +979,18 @@ impl Store {
 
     /// Writes a group commit (not yet durable: see [`Store::sync`]).
     pub fn apply(&self, batch: CommitBatch) -> Result<()> {
-        self.log.apply_batch(batch.batch)?;
-        self.chunk_bytes
-            .fetch_add(batch.chunk_bytes, std::sync::atomic::Ordering::Relaxed);
+        let mut sled_batch = batch.batch;
+        // Only the writer thread appends, so this read-add-write does not race.
+        let appended = self
+            .appended_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + batch.chunk_bytes;
+        if batch.chunk_bytes > 0 {
+            sled_batch.insert(APPENDED_BYTES_KEY, &appended.to_be_bytes()[..]);
+        }
+        self.log.apply_batch(sled_batch)?;
+        self.appended_bytes
+            .store(appended, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

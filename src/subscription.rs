@@ -18,6 +18,15 @@
 //! anything: the subscription takes a fresh receiver at the tail (before reading again)
 //! and goes back to replaying from `last_id` out of the store, then rejoins live. Store
 //! reads are batched, so memory per subscription stays bounded whatever the client does.
+//!
+//! # Overtaken by retention
+//!
+//! A subscriber far enough behind can find the events after its cursor pruned (SPEC §8).
+//! Every store read that starts from the cursor checks the horizon after its first step;
+//! a read in progress that finds chunks gone ends there. Either way the subscription
+//! yields [`Item::Pruned`] and continues at the horizon: the framings tell the client in
+//! band, as a resume from that cursor would (a `connected` frame with `pruned_before`),
+//! so nothing is ever skipped silently.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -28,7 +37,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use ulid::Ulid;
 
 use crate::event::Event;
-use crate::store::{Scan, Store, StoreError};
+use crate::store::{Horizon, Scan, Store, StoreError};
 use crate::writer::Writer;
 
 /// Most events one store read returns. The first read of a replay returns few, so the
@@ -79,6 +88,16 @@ pub enum Item {
     Batch(Arc<Committed>),
     /// Events up to and including this id were scanned and none matched.
     Skipped(Ulid),
+    /// The events after the cursor were pruned before they were read: delivery
+    /// continues after `cursor` (the last pruned id), at the first retained event.
+    Pruned {
+        cursor: Ulid,
+        /// The first retained event (what a resume's `pruned_before` names).
+        first_id: Option<Ulid>,
+        /// Events passed over, when the subscription had read far enough to know its
+        /// position (not when it started at a cursor already before the horizon).
+        skipped: Option<u64>,
+    },
 }
 
 /// Counters shared by every subscription of a server.
@@ -96,10 +115,12 @@ pub struct Subscription {
     stats: Arc<StreamStats>,
     /// Newest id scanned (the resume cursor).
     last_id: Ulid,
+    /// The seq of `last_id`, once an event was scanned (to count what a prune skipped).
+    last_seq: Option<u64>,
     replaying: bool,
     /// The next store read, started while the previous batch is being sent. Kept here
     /// while awaited, so a cancelled `next` picks the same read up again.
-    read_ahead: Option<tokio::task::JoinHandle<Result<Batch, StoreError>>>,
+    read_ahead: Option<tokio::task::JoinHandle<Result<Read, StoreError>>>,
     /// `read_ahead` was started for a position since abandoned: its result is dropped
     /// once it completes (a blocking read cannot be stopped, and waiting for it keeps
     /// one read per subscription however often it is repositioned).
@@ -122,6 +143,7 @@ impl Subscription {
             selector,
             stats,
             last_id: after,
+            last_seq: None,
             replaying: true,
             read_ahead: None,
             read_ahead_stale: false,
@@ -145,6 +167,9 @@ impl Subscription {
     /// [`Subscription::new`], so nothing committed in between is missed.
     fn restart_after(&mut self, after: Ulid) {
         self.live = self.live.resubscribe();
+        if after != self.last_id {
+            self.last_seq = None;
+        }
         self.last_id = after;
         self.replaying = true;
         self.read_ahead_stale = self.read_ahead.is_some();
@@ -186,6 +211,7 @@ impl Subscription {
         }
         if first.id > self.last_id && !self.selector.is_filtered() {
             self.last_id = last.id;
+            self.last_seq = Some(last.seq);
             self.stats
                 .delivered
                 .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
@@ -198,6 +224,7 @@ impl Subscription {
             .cloned()
             .collect();
         self.last_id = last.id;
+        self.last_seq = Some(last.seq);
         Some(self.item(matching))
     }
 
@@ -228,21 +255,51 @@ impl Subscription {
                 break joined;
             }
         };
-        let (matching, last_scanned, scan) =
+        let read =
             joined.map_err(|e| StoreError::Corrupt(format!("replay task failed: {e}")))??;
-        let Some(id) = last_scanned else {
+        let (matching, last_scanned, scan) = match read {
+            Read::Batch(matching, last_scanned, scan) => (matching, last_scanned, scan),
+            Read::Overtaken(horizon, first_id) => {
+                return Ok(Some(self.overtaken(horizon, first_id)));
+            }
+        };
+        let Some((id, seq)) = last_scanned else {
             return Ok(None);
         };
         self.last_id = id;
+        self.last_seq = Some(seq);
         self.read_ahead = Some(self.spawn_read(scan, id));
         Ok(Some(self.item(matching)))
     }
 
+    /// Moves past what retention removed ahead of the cursor; the next read starts at
+    /// the horizon.
+    fn overtaken(&mut self, horizon: Horizon, first_id: Option<Ulid>) -> Item {
+        let cursor = horizon.last_pruned_id.unwrap_or(self.last_id);
+        let skipped = self
+            .last_seq
+            .map(|seq| horizon.pruned_through.saturating_sub(seq));
+        tracing::warn!(
+            from = %self.last_id,
+            to = %cursor,
+            ?skipped,
+            "a subscriber was overtaken by retention: continuing at the horizon"
+        );
+        self.last_id = cursor;
+        self.last_seq = Some(horizon.pruned_through);
+        self.batch_events = FIRST_REPLAY_BATCH_EVENTS;
+        Item::Pruned {
+            cursor,
+            first_id,
+            skipped,
+        }
+    }
+
     fn spawn_read(
         &mut self,
-        scan: Option<Scan>,
+        scan: Option<Box<Scan>>,
         after: Ulid,
-    ) -> tokio::task::JoinHandle<Result<Batch, StoreError>> {
+    ) -> tokio::task::JoinHandle<Result<Read, StoreError>> {
         let store = self.store.clone();
         let selector = self.selector.clone();
         let limit = self.batch_events;
@@ -251,32 +308,61 @@ impl Subscription {
     }
 }
 
-type Batch = (Vec<Event>, Option<Ulid>, Option<Scan>);
+/// What one store read found.
+enum Read {
+    /// Matching events, the last event scanned (id and seq), and the scan to continue.
+    Batch(Vec<Event>, Option<(Ulid, u64)>, Option<Box<Scan>>),
+    /// Events after the cursor were pruned: the horizon, and the first retained id.
+    Overtaken(Horizon, Option<Ulid>),
+}
 
 /// Reads up to `limit` matching events after `after`, continuing `scan` if there is one.
 /// A scan stops at the head it saw when opened; when it runs out, one fresh scan tells
 /// whether more was committed since. Returns the scan to continue with, if any.
+///
+/// A fresh scan from `after` is checked against the horizon after its first step (a
+/// scan of a pruned range starts at the first retained event: that must not pass for
+/// the next event); a scan that finds chunks removed under it stops, and the fresh scan
+/// that follows makes that check.
 fn read_batch(
     store: &Store,
-    scan: Option<Scan>,
+    scan: Option<Box<Scan>>,
     after: Ulid,
     selector: &dyn Selector,
     limit: usize,
-) -> Result<Batch, StoreError> {
+) -> Result<Read, StoreError> {
     let mut matching = Vec::new();
     let mut bytes = 0;
     let mut last_scanned = None;
     let mut scanned = 0;
     let (mut scan, mut fresh) = match scan {
-        Some(scan) => (scan, false),
+        Some(scan) => (*scan, false),
         None => (store.scan_after(after)?, true),
     };
+    let mut unchecked = fresh;
+    let mut rescans = 0;
     loop {
-        match scan.next() {
+        let next = scan.next();
+        if std::mem::take(&mut unchecked) {
+            let horizon = store.horizon_after_reads();
+            if horizon.cuts(after) {
+                let first_id = store.first_retained()?.map(|(_, id)| id);
+                return Ok(Read::Overtaken(horizon, first_id));
+            }
+        }
+        match next {
+            Some(Err(StoreError::Pruned(_))) if last_scanned.is_some() => {
+                return Ok(Read::Batch(matching, last_scanned, None));
+            }
+            Some(Err(StoreError::Pruned(_))) if rescans < 2 => {
+                rescans += 1;
+                scan = store.scan_after(after)?;
+                (fresh, unchecked) = (true, true);
+            }
             Some(event) => {
                 let event = event?;
                 scanned += 1;
-                last_scanned = Some(event.id);
+                last_scanned = Some((event.id, event.seq));
                 if selector.matches(&event) {
                     bytes += event.line.len();
                     matching.push(event);
@@ -285,13 +371,15 @@ fn read_batch(
                     || bytes >= REPLAY_BATCH_BYTES
                     || scanned >= REPLAY_BATCH_EVENTS * 8
                 {
-                    return Ok((matching, last_scanned, Some(scan)));
+                    return Ok(Read::Batch(matching, last_scanned, Some(Box::new(scan))));
                 }
             }
-            None if fresh || last_scanned.is_some() => return Ok((matching, last_scanned, None)),
+            None if fresh || last_scanned.is_some() => {
+                return Ok(Read::Batch(matching, last_scanned, None));
+            }
             None => {
                 scan = store.scan_after(after)?;
-                fresh = true;
+                (fresh, unchecked) = (true, true);
             }
         }
     }

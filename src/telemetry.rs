@@ -24,7 +24,9 @@ const LOG_EVENTS: &str = "cairn_log_events";
 const LOG_BYTES: &str = "cairn_log_bytes";
 pub const WEBHOOK_DELIVERIES: &str = "cairn_webhook_deliveries_total";
 const WEBHOOK_LAG: &str = "cairn_webhook_lag_events";
-const LOG_STORED_BYTES: &str = "cairn_log_stored_bytes";
+/// sled's file size: what the disk holds (it does not shrink when chunks are pruned;
+/// freed space is reused). `cairn_log_bytes` is the stored log itself (SPEC §8).
+const DISK_BYTES: &str = "cairn_disk_bytes";
 const LOG_FIRST_SEQ: &str = "cairn_log_first_seq";
 
 /// Seconds: 50 µs to 5 s, about three buckets per decade.
@@ -82,12 +84,12 @@ fn describe() {
     describe_gauge!(
         LOG_BYTES,
         Unit::Bytes,
-        "Bytes the log's database takes on disk."
+        "The stored log's size: compressed bytes of the retained events (what --retain-bytes bounds)."
     );
     describe_gauge!(
-        LOG_STORED_BYTES,
+        DISK_BYTES,
         Unit::Bytes,
-        "Compressed bytes of the retained events (what --retain-bytes bounds; with it only)."
+        "Bytes the log's database takes on disk (it does not shrink; pruned space is reused)."
     );
     describe_gauge!(
         LOG_FIRST_SEQ,
@@ -117,11 +119,9 @@ pub fn render(
     metrics::counter!(EVENTS_DELIVERED).absolute(stream_stats.delivered.load(Ordering::Relaxed));
     metrics::counter!(STREAM_CATCHUP).absolute(stream_stats.catchups.load(Ordering::Relaxed));
     metrics::gauge!(LOG_EVENTS).set(store.head().seq as f64);
-    metrics::gauge!(LOG_BYTES).set(store.size_on_disk() as f64);
+    metrics::gauge!(LOG_BYTES).set(store.chunk_bytes() as f64);
+    metrics::gauge!(DISK_BYTES).set(store.size_on_disk() as f64);
     metrics::gauge!(LOG_FIRST_SEQ).set(store.horizon().first_seq() as f64);
-    if let Some(bytes) = store.counted_chunk_bytes() {
-        metrics::gauge!(LOG_STORED_BYTES).set(bytes as f64);
-    }
     handle.run_upkeep();
     handle.render()
 }

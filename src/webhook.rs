@@ -436,6 +436,9 @@ pub struct View {
     pub failures: u32,
     pub last_error: Option<String>,
     pub next_attempt_at: Option<String>,
+    /// Events passed over because retention removed them first (since the task
+    /// started: kept in memory, not in the stored record).
+    pub skipped: u64,
 }
 
 impl View {
@@ -450,6 +453,7 @@ impl View {
             failures: 0,
             last_error: record.pause_reason.clone(),
             next_attempt_at: None,
+            skipped: 0,
             record,
         }
     }
@@ -462,6 +466,7 @@ struct Live {
     failures: u32,
     last_error: Option<String>,
     next_attempt_at: Option<String>,
+    skipped: u64,
 }
 
 impl Live {
@@ -479,6 +484,7 @@ impl Live {
             failures: self.failures,
             last_error: self.last_error.clone(),
             next_attempt_at: self.next_attempt_at.clone(),
+            skipped: self.skipped,
         }
     }
 }
@@ -615,6 +621,7 @@ impl Webhooks {
             record,
             failures: 0,
             next_attempt_at: None,
+            skipped: 0,
         }));
         let stop = self.shutdown.child_token();
         let task = (!paused).then(|| {
@@ -893,6 +900,21 @@ fn take(pending: &mut VecDeque<Event>, item: Item, live: &SharedLive) {
                 if id.0 > l.record.cursor {
                     l.record.cursor = id.0;
                 }
+            }
+        }
+        // Retention removed events before they were delivered (SPEC §8): delivery
+        // continues at the horizon, and the state says what was passed over.
+        Item::Pruned {
+            cursor, skipped, ..
+        } => {
+            let mut l = lock(live);
+            l.skipped += skipped.unwrap_or(0);
+            let count = skipped.map_or_else(|| "events".to_string(), |n| format!("{n} events"));
+            l.last_error = Some(format!(
+                "{count} up to {cursor} were pruned by retention before delivery; continuing after them"
+            ));
+            if pending.is_empty() && cursor.0 > l.record.cursor {
+                l.record.cursor = cursor.0;
             }
         }
     }

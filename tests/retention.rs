@@ -149,7 +149,79 @@ fn retain_events_settles_and_everything_still_proves_itself() {
     );
     assert_eq!(code, 0, "{out}{err}");
 
-    // The checkpoint saved before pruning is consistent with the newest.
+    // The checkpoint saved before pruning is consistent with the newest: for SPEC §1's
+    // independent auditor (examples/auditor.py) first, then for `cairn verify`, which
+    // replaces the saved file on success.
+    let newest = server.get_text("/v1/checkpoint").1;
+    let (old_size, new_size) = (
+        checkpoint_size(&std::fs::read_to_string(saved.path()).unwrap()),
+        checkpoint_size(&newest),
+    );
+    assert!(
+        old_size < first_seq && new_size >= first_seq,
+        "{old_size} {new_size}"
+    );
+    let files = tempfile::tempdir().unwrap();
+    let put = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (old_cp, new_cp) = (
+        put("old", &std::fs::read_to_string(saved.path()).unwrap()),
+        put("new", &newest),
+    );
+    let consistency = server
+        .get_text(&format!(
+            "/v1/proof/consistency?from={old_size}&to={new_size}"
+        ))
+        .1;
+    let proof_file = put("consistency.json", &consistency);
+    let (ok, out) = auditor(&[
+        "consistency",
+        "--key",
+        key.trim(),
+        "--old",
+        &old_cp,
+        "--new",
+        &new_cp,
+        &proof_file,
+    ]);
+    assert!(ok, "{out}");
+    // A proof from the saved size that does not lead to the newest root is refused.
+    let mut bad: Value = serde_json::from_str(&consistency).unwrap();
+    bad["data"]["hashes"][0] = json!("0".repeat(64));
+    let bad = bad.to_string();
+    let (ok, _) = auditor(&[
+        "consistency",
+        "--key",
+        key.trim(),
+        "--old",
+        &old_cp,
+        "--new",
+        &new_cp,
+        &put("bad.json", &bad),
+    ]);
+    assert!(!ok, "the auditor accepted a tampered proof: {bad}");
+    // A retained event's inclusion proof in the newest checkpoint.
+    let (_, event) = server.get("/v1/events?limit=1");
+    let event_file = put("event.json", &event["data"][0].to_string());
+    let inclusion = server
+        .get_text(&format!(
+            "/v1/proof/inclusion?seq={first_seq}&size={new_size}"
+        ))
+        .1;
+    let (ok, out) = auditor(&[
+        "inclusion",
+        "--key",
+        key.trim(),
+        "--checkpoint",
+        &new_cp,
+        &event_file,
+        &put("inclusion.json", &inclusion),
+    ]);
+    assert!(ok, "{out}");
+
     let (code, out, err) = cairn(
         &[
             "verify",
@@ -257,6 +329,36 @@ fn retain_events_settles_and_everything_still_proves_itself() {
         out.contains(&format!("{} events verified", head["seq"])),
         "{out}"
     );
+    // And for the auditor, against the newest checkpoint: chain from seq 1 and the
+    // Merkle root of everything ever appended, pruned part included.
+    let (ok, out) = auditor(&[
+        "export",
+        "--key",
+        key.trim(),
+        "--checkpoint",
+        &new_cp,
+        &put("all.ndjson", &all),
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{} events, chain intact", head["seq"])),
+        "{out}"
+    );
+}
+
+/// SPEC §1's independent auditor (`examples/auditor.py`; Python with `cryptography` and
+/// `rfc8785`, which CI installs).
+fn auditor(args: &[&str]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/auditor.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3 examples/auditor.py");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
@@ -430,9 +532,9 @@ fn retain_for_and_retain_bytes_settle_at_their_bounds() {
     append(&server, 3_000, 100);
     wait_checkpoint_covers_head(&server);
     wait_until(SETTLE, "the stored bytes to come under the bound", || {
-        server.metric("cairn_log_stored_bytes") <= bound
+        server.metric("cairn_log_bytes") <= bound
     });
-    let stored = server.metric("cairn_log_stored_bytes");
+    let stored = server.metric("cairn_log_bytes");
     let h = server.head();
     let first = h["first_seq"].as_u64().unwrap();
     assert!(first > 1, "{h}");
@@ -447,4 +549,228 @@ fn retain_for_and_retain_bytes_settle_at_their_bounds() {
         (200, Some(true)),
         "{v}"
     );
+    // The size is kept in the store: a restart reports the same, and the file sled
+    // holds is a separate gauge, larger (it does not shrink).
+    assert!(server.metric("cairn_disk_bytes") > stored);
+    let mut server = server;
+    let data = server.data.clone();
+    server.terminate();
+    let server = Server::start_on(&data, &["--retain-bytes", "40000"]);
+    assert_eq!(server.metric("cairn_log_bytes"), stored);
+}
+
+/// Reads SSE frames (blank-line separated) from `reader` until `stop` says so; returns
+/// each frame's `id`, `event` and `data` lines.
+fn read_sse_frames(
+    reader: &mut impl Read,
+    buffer: &mut String,
+    mut stop: impl FnMut(&(String, String, String)) -> bool,
+) -> Vec<(String, String, String)> {
+    let mut frames = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let text: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let frame = (field("id: "), field("event: "), field("data: "));
+            let done = stop(&frame);
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+        let n = reader.read(&mut chunk).expect("read the stream");
+        assert!(n > 0, "the stream ended");
+        buffer.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+}
+
+/// Checks one stream's delivery across a prune that overtook it: events contiguous from
+/// seq 1, then one `connected` frame naming the horizon, then events from the horizon
+/// on, contiguous, to the head. `frames`: (event type or "connected", data).
+fn assert_overtaken_in_band(
+    frames: &[(String, String)],
+    horizon_id: &str,
+    horizon_seq: u64,
+    head: u64,
+) {
+    let mut expected = 1;
+    let mut announced = 0;
+    for (kind, data) in frames {
+        let value: Value = serde_json::from_str(data).unwrap();
+        if kind == "connected" {
+            announced += 1;
+            assert_eq!(value["pruned_before"], horizon_id, "{value}");
+            assert!(
+                expected < horizon_seq,
+                "announced after the horizon: {value}"
+            );
+            expected = horizon_seq;
+            continue;
+        }
+        assert_eq!(value["seq"].as_u64(), Some(expected), "a silent gap");
+        expected += 1;
+    }
+    assert_eq!(announced, 1, "the jump is announced exactly once");
+    assert_eq!(expected, head + 1, "delivered to the head");
+}
+
+/// A subscriber that is connected but behind, overtaken by a prune: its stream goes on
+/// at the horizon and says so in band with a `connected` frame carrying
+/// `pruned_before` (SSE and WebSocket), never skipping silently.
+#[test]
+fn a_stream_overtaken_by_the_pruner_says_so_in_band() {
+    let server = Server::start(&[]);
+    // 24 MB of events: far more than socket buffers and the stream's read-ahead hold,
+    // so a subscriber that stops reading near the start stays there.
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let events: Vec<Value> = (0..200)
+            .map(|i| json!({"type": "t", "data": {"i": i, "pad": "x".repeat(4_000)}}))
+            .collect();
+        let (status, body) = server.post_json(&json!({ "events": events }));
+        assert_eq!(status, 201, "{body}");
+        ids.extend(
+            body["data"]["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    wait_checkpoint_covers_head(&server);
+    let head = server.head()["seq"].as_u64().unwrap();
+
+    // Both subscribers take the connected frame and one event, then stop reading.
+    let mut sse = server
+        .http()
+        .get(server.url("/v1/events/stream?since=earliest"))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    let mut sse_buffer = String::new();
+    let mut sse_frames = read_sse_frames(&mut sse, &mut sse_buffer, |f| f.1 == "t");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    use futures_util::StreamExt;
+    let ws_url = format!(
+        "ws://{}/v1/events/ws?since=earliest&token={}",
+        server.addr, server.token
+    );
+    let (mut ws, _) = rt
+        .block_on(tokio_tungstenite::connect_async(ws_url))
+        .unwrap();
+    let mut ws_frames = Vec::new();
+    for _ in 0..2 {
+        let message = rt.block_on(ws.next()).unwrap().unwrap();
+        ws_frames.push(message.into_text().unwrap().to_string());
+    }
+
+    // Prune far past both.
+    let url = format!("http://{}", server.addr);
+    let (code, out, err) = cairn(
+        &[
+            "prune",
+            "--before",
+            &ids[5_400],
+            "--url",
+            &url,
+            "--token",
+            &server.token,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let h = server.head();
+    let horizon_seq = h["first_seq"].as_u64().unwrap();
+    let horizon_id = h["first_id"].as_str().unwrap().to_string();
+    assert!(horizon_seq > 5_000, "{h}");
+
+    // SSE: drain to the head.
+    sse_frames.extend(read_sse_frames(&mut sse, &mut sse_buffer, |f| {
+        f.1 == "t" && f.0 == ids[ids.len() - 1]
+    }));
+    let in_band = sse_frames
+        .iter()
+        .skip(1)
+        .find(|f| f.1 == "connected")
+        .unwrap();
+    assert_eq!(
+        in_band.0,
+        ids[horizon_seq as usize - 2],
+        "the frame's id is the last pruned id"
+    );
+    let sse_frames: Vec<(String, String)> = sse_frames
+        .into_iter()
+        .skip(1)
+        .map(|(_, kind, data)| (kind, data))
+        .collect();
+    assert_overtaken_in_band(&sse_frames, &horizon_id, horizon_seq, head);
+
+    // WebSocket: the same.
+    let seq_of = |text: &str| serde_json::from_str::<Value>(text).unwrap()["seq"].as_u64();
+    while seq_of(ws_frames.last().unwrap()) != Some(head) {
+        let message = rt.block_on(ws.next()).unwrap().unwrap();
+        ws_frames.push(message.into_text().unwrap().to_string());
+    }
+    let ws_frames: Vec<(String, String)> = ws_frames
+        .into_iter()
+        .skip(1)
+        .map(|text| {
+            let kind = if text.contains("\"type\":\"connected\"") {
+                "connected"
+            } else {
+                "t"
+            };
+            (kind.to_string(), text)
+        })
+        .collect();
+    assert_overtaken_in_band(&ws_frames, &horizon_id, horizon_seq, head);
+
+    // A resume from before the horizon still says so in its first frame (and only there).
+    let mut resumed = server
+        .http()
+        .get(server.url(&format!("/v1/events/stream?since={}", ids[0])))
+        .bearer_auth(&server.token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    let frames = read_sse_frames(&mut resumed, &mut String::new(), |f| f.1 == "t");
+    let connected: Value = serde_json::from_str(&frames[0].2).unwrap();
+    assert_eq!(connected["pruned_before"], horizon_id.as_str());
+    let first: Value = serde_json::from_str(&frames[1].2).unwrap();
+    assert_eq!(first["seq"].as_u64(), Some(horizon_seq));
+}
+
+/// Retention in cluster mode must be one decision for the cluster (SPEC §8), which is not
+/// built: a node refuses to start with a bound or an archive rather than prune alone.
+#[test]
+fn a_cluster_node_refuses_retention_flags() {
+    let data = tempfile::tempdir().unwrap();
+    for flags in [
+        &["--retain-events", "10"][..],
+        &["--archive", data.path().join("archive").to_str().unwrap()][..],
+    ] {
+        let mut args = vec![
+            "serve",
+            "--data",
+            data.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--nats",
+            "nats://127.0.0.1:9",
+        ];
+        args.extend_from_slice(flags);
+        let (code, out, err) = cairn(&args, &[]);
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(err.contains("one decision for the whole cluster"), "{err}");
+    }
 }

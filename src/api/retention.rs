@@ -26,7 +26,8 @@ use crate::retention::{self, Outcome};
     responses(
         (status = 200, description = "What was removed and what was kept",
             body = Envelope<Outcome>),
-        (status = 400, description = "A missing or malformed `before`", body = openapi::Error),
+        (status = 400, description = "A missing or malformed `before`, or a cluster node \
+            (retention in cluster mode is not built yet)", body = openapi::Error),
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 403, description = "The token's role is not admin", body = openapi::Error),
     )
@@ -37,6 +38,12 @@ pub async fn prune(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Envelope<Outcome>>, ApiError> {
     caller.require(Role::Admin)?;
+    if state.cluster.is_some() {
+        return Err(ApiError::bad_request(
+            "a cluster node cannot be pruned on its own: in cluster mode retention must be one \
+             decision for the whole cluster (SPEC §8), which is not built yet",
+        ));
+    }
     let before = params
         .get("before")
         .ok_or_else(|| ApiError::bad_param("before", "is required"))?

@@ -27,6 +27,7 @@ use crate::auth::{Caller, Role};
 use crate::cursor::{self, ZERO};
 use crate::event::Event;
 use crate::half_close::PeerShutdown;
+use crate::store::{Head, Store};
 use crate::subscription::{Item, Selector, Subscription};
 use std::pin::Pin;
 use tokio::time::Sleep;
@@ -114,21 +115,38 @@ pub(super) fn stream_selection(
     Selection::from_params(params, caller)
 }
 
-/// The horizon id when a stream from `cursor` starts there (events after it were pruned).
-pub(super) async fn pruned_before_blocking(
-    store: &Arc<crate::store::Store>,
-    cursor: Ulid,
-) -> Option<String> {
-    if !store.horizon().cuts(cursor) {
-        return None;
+/// Where a stream from `cursor` starts: after the last pruned id when events after
+/// `cursor` were pruned (SPEC §8), with the first retained id for the `connected`
+/// frame's `pruned_before`; else at `cursor`. Starting the subscription past the pruned
+/// range keeps it from reporting that range a second time, in band.
+pub(super) fn start_at_horizon(store: &Store, cursor: Ulid) -> (Ulid, Option<String>) {
+    let horizon = store.horizon();
+    match horizon.last_pruned_id {
+        Some(last) if horizon.cuts(cursor) => (
+            last,
+            crate::retention::pruned_before(&horizon, store, cursor),
+        ),
+        _ => (cursor, None),
     }
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || {
-        crate::retention::pruned_before(&store.horizon(), &store, cursor)
-    })
-    .await
-    .ok()
-    .flatten()
+}
+
+/// A `connected` frame's data: the cursor delivery continues after, the head (the one a
+/// live stream's cursor was taken from), and `pruned_before` when events after the
+/// client's cursor were pruned.
+pub(super) fn connected_json(
+    head: &Head,
+    cursor: Ulid,
+    pruned_before: Option<String>,
+) -> serde_json::Value {
+    let mut connected = serde_json::json!({
+        "type": "connected",
+        "cursor": cursor.to_string(),
+        "head": head_json(head),
+    });
+    if let Some(id) = pruned_before {
+        connected["pruned_before"] = id.into();
+    }
+    connected
 }
 
 /// Where delivery starts: `Last-Event-ID` (non-empty) wins over `since`; else the head.
@@ -197,26 +215,24 @@ pub async fn stream(
     // allow-list must not learn the ids of events it may not see, so it gets plain
     // heartbeats (and rescans what its filter passed over after a reconnect).
     let announce_skips = selection.is_filtered() && caller.allowed_types.is_none();
+    let store = state.store.clone();
+    let (after, pruned_before) =
+        tokio::task::spawn_blocking(move || start_at_horizon(&store, start))
+            .await
+            .map_err(|e| ApiError::internal(format!("stream start task failed: {e}")))?;
     let subscription = Subscription::new(
         state.store.clone(),
         &state.writer,
-        start,
+        after,
         Arc::new(selection),
         state.stream_stats.clone(),
     );
-
-    let mut connected = serde_json::json!({
-        "type": "connected",
-        "cursor": start.to_string(),
-        "head": head_json(&head),
-    });
-    if let Some(id) = pruned_before_blocking(&state.store, start).await {
-        connected["pruned_before"] = id.into();
-    }
+    let connected = connected_json(&head, start, pruned_before);
     let first = Bytes::from(format!(
         "retry: {RETRY_MS}\nid: {start}\nevent: connected\ndata: {connected}\n\n"
     ));
     let body = SseBody {
+        store: state.store.clone(),
         subscription,
         first: Some(first),
         heartbeat: state.stream.heartbeat,
@@ -244,6 +260,7 @@ pub async fn stream(
 }
 
 struct SseBody {
+    store: Arc<Store>,
     subscription: Subscription,
     first: Option<Bytes>,
     heartbeat: Duration,
@@ -321,6 +338,18 @@ impl SseBody {
                     }
                     self.sent_id = id;
                     id_frame(id)
+                }
+                // Overtaken by retention: said in band, as a resume would say it.
+                Some(Ok(Item::Pruned {
+                    cursor, first_id, ..
+                })) => {
+                    self.sent_id = cursor;
+                    let head = self.store.head();
+                    let connected =
+                        connected_json(&head, cursor, first_id.map(|id| id.to_string()));
+                    Bytes::from(format!(
+                        "id: {cursor}\nevent: connected\ndata: {connected}\n\n"
+                    ))
                 }
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "stream aborted by a read error");

@@ -37,8 +37,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use ulid::Ulid;
 
 use super::openapi;
-use super::read::{Selection, head_json};
-use super::stream::{SlotGuard, StreamConfig, start_cursor, stream_selection, too_many};
+use super::read::Selection;
+use super::stream::{
+    SlotGuard, StreamConfig, connected_json, start_at_horizon, start_cursor, stream_selection,
+    too_many,
+};
 use super::{ApiError, AppState, ErrorCode};
 use crate::auth::{Caller, Role};
 use crate::cursor::{self, Filter, TypeFilter};
@@ -159,25 +162,26 @@ pub async fn events_ws(
         .map_err(|e| ApiError::bad_request(e.body_text()))
         .and_then(|Query(params)| {
             let selection = stream_selection(&params, &caller)?;
-            let head_id = state.store.head().id;
-            let start = start_cursor(&headers, &params, &selection, head_id)?;
-            Ok((start, selection))
+            let head = state.store.head();
+            let start = start_cursor(&headers, &params, &selection, head.id)?;
+            Ok((start, selection, head))
         });
-    let (start, selection) = match start {
+    let (start, selection, head) = match start {
         Ok(start) => start,
         Err(e) => return refuse(upgrade, state.stream, e, close::BAD_REQUEST),
     };
     let Some(slot) = state.streams.try_acquire() else {
         return too_many();
     };
+    let (after, pruned_before) = start_at_horizon(&state.store, start);
     let subscription = Subscription::new(
         state.store.clone(),
         &state.writer,
-        start,
+        after,
         Arc::new(selection),
         state.stream_stats.clone(),
     );
-    let connected = connected_message(&state.store, start);
+    let connected = text_json(&connected_json(&head, start, pruned_before));
     let tracked = state.stream.connections.token();
     let connection = Connection {
         subscription,
@@ -313,6 +317,13 @@ impl Connection {
                     Some(Ok(Item::Batch(batch))) => self.event_messages(&batch.events),
                     Some(Ok(Item::Events(events))) => self.event_messages(&events),
                     Some(Ok(Item::Skipped(_))) => continue,
+                    // Overtaken by retention: said in band, as a resume would say it.
+                    Some(Ok(Item::Pruned { cursor, first_id, .. })) => {
+                        self.delivered = cursor;
+                        let pruned_before = first_id.map(|id| id.to_string());
+                        let head = self.store.head();
+                        vec![text_json(&connected_json(&head, cursor, pruned_before))]
+                    }
                 },
             };
         }
@@ -330,11 +341,12 @@ impl Connection {
     fn command(&mut self, text: &str) -> Message {
         match self.parse_command(text) {
             Ok((after, selection)) => {
-                self.subscription.reposition(after, Arc::new(selection));
+                let (start, pruned_before) = start_at_horizon(&self.store, after);
+                self.subscription.reposition(start, Arc::new(selection));
                 // The new position is where "continue after the last event sent" starts
                 // from until an event is sent.
                 self.delivered = after;
-                connected_message(&self.store, after)
+                text_json(&connected_json(&self.store.head(), after, pruned_before))
             }
             Err(e) => error_message(&e),
         }
@@ -432,17 +444,8 @@ async fn close_socket(socket: &mut WebSocket, code: u16, reason: &str) {
     .await;
 }
 
-fn connected_message(store: &Store, cursor: Ulid) -> Message {
-    let mut connected = serde_json::json!({
-        "type": "connected",
-        "cursor": cursor.to_string(),
-        "head": head_json(&store.head()),
-    });
-    // A resume from before the horizon starts at it and says so (one chunk lookup).
-    if let Some(id) = crate::retention::pruned_before(&store.horizon(), store, cursor) {
-        connected["pruned_before"] = id.into();
-    }
-    Message::Text(connected.to_string().into())
+fn text_json(value: &serde_json::Value) -> Message {
+    Message::Text(value.to_string().into())
 }
 
 fn error_message(error: &ApiError) -> Message {

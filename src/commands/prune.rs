@@ -12,6 +12,14 @@ pub fn run(args: &PruneArgs) -> Result<ExitCode, String> {
     let outcome: serde_json::Value = if let Some(dir) = &args.data {
         let store = Store::open(DataDir::lock_existing(dir).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
+        if store.stream_position().map_err(|e| e.to_string())? > 0 {
+            return Err(format!(
+                "{} is a cluster node's data directory: pruning one node alone would give it a \
+                 horizon of its own; in cluster mode retention must be one decision for the \
+                 whole cluster (SPEC §8), which is not built yet",
+                dir.display()
+            ));
+        }
         crate::merkle::catch_up(&store).map_err(|e| e.to_string())?;
         let covered = crate::checkpoint::latest_size_offline(dir).map_err(|e| e.to_string())?;
         let (target, max_id) = retention::before_cursor(&store, &args.before)?;
