@@ -385,8 +385,7 @@ impl Committer {
                 let _ = reply.send(outcome);
             }
             if durable {
-                metrics::counter!(telemetry::EVENTS_INGESTED)
-                    .increment(group.events.len() as u64);
+                metrics::counter!(telemetry::EVENTS_INGESTED).increment(group.events.len() as u64);
                 published.extend(group.events);
                 position = group.stream_position.or(position);
             }
@@ -514,15 +513,22 @@ pub fn seal_group(
             let timestamp = new
                 .timestamp
                 .unwrap_or_else(|| rfc3339::format_unix_ms(id.timestamp_ms()));
-            let (line, hash) = chain::seal(&RecordParts {
-                data_jcs: &new.data_jcs,
-                id,
-                prev_hash: &head.hash,
-                seq,
-                source_jcs: new.source_jcs.as_deref(),
-                timestamp: &timestamp,
-                event_type: &new.event_type,
-            });
+            let prefix = new
+                .data_prefix
+                .0
+                .unwrap_or_else(|| chain::data_prefix_hash(&new.data_jcs));
+            let (line, hash) = chain::seal_after(
+                &RecordParts {
+                    data_jcs: &new.data_jcs,
+                    id,
+                    prev_hash: &head.hash,
+                    seq,
+                    source_jcs: new.source_jcs.as_deref(),
+                    timestamp: &timestamp,
+                    event_type: &new.event_type,
+                },
+                prefix,
+            );
             sealed.events.push(Event {
                 id,
                 seq,
