@@ -3,28 +3,21 @@
 //! Requests queue on a channel. The writer thread owns the head (seq, id, hash), the
 //! ULID generator and the idempotency check. It takes every request that is waiting,
 //! gives each event its id, seq and hash (`chain::seal`), packs the events into chunks,
-//! computes the Merkle tree's new nodes (`merkle`) and applies them all as one atomic
-//! sled batch. Then the group goes to the committer thread, which makes it durable,
-//! marks it committed in the store, answers its requests and hands its events to the
-//! publisher thread, which broadcasts them to live subscribers.
+//! computes the Merkle tree's new nodes (`merkle`), applies them all as one atomic sled batch, makes them durable with one flush, marks them
+//! committed in the store, answers every request of the group and hands the events to
+//! the publisher thread, which broadcasts them to live subscribers. Requests that arrive during the flush form the next group:
+//! that is the group commit.
 //!
-//! Group commit, leader/follower style: while the committer syncs group N, the writer
-//! goes on sealing and applying whatever arrives (group N+1, possibly several requests
-//! applied one after another); when the sync of N returns, the committer takes every
-//! group applied meanwhile and makes them durable with one sync. So the device is never
-//! idle while requests wait, and the CPU work of N+1 overlaps the device wait of N. An
-//! earlier syncer thread that synced each group on its own made groups smaller than
-//! the serial loop (≈1.2 requests per fsync under W1); coalescing everything queued
-//! into one sync is what makes the overlap pay (docs/benchmarks.md has the figures).
-//! With `--sync none` there is nothing to wait for: the writer finishes each group
-//! itself, without the hand-off.
+//! A separate syncer thread (pipelining the next group's CPU work with this group's
+//! flush) was measured and dropped: on 2 cores the extra thread hand-offs cost more than
+//! the overlap saved, and the groups it flushed were smaller (≈1.2 requests per fsync
+//! against ≈3 here under W1).
 //!
 //! Nothing is answered or published before it is durable (unless `--sync none`), and
-//! the order of acknowledgements and broadcasts is the log order. Readers see only the
-//! committed head, so a group applied but not yet synced is invisible. If a flush
-//! fails, the writer refuses all further appends: after a failed fsync the kernel may
-//! have dropped the dirty pages, so nothing written since can be trusted until a
-//! restart re-reads the log; groups applied behind the failed one are failed too.
+//! the order of acknowledgements and broadcasts is the log order. If a flush fails, the
+//! writer refuses all further appends: after a failed fsync the kernel may have dropped
+//! the dirty pages, so nothing written since can be trusted until a restart re-reads
+//! the log.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,18 +141,13 @@ pub struct Writer {
 /// Joins the writer (and publisher) threads once every [`Writer`] handle is dropped.
 pub struct WriterThread {
     writer: JoinHandle<()>,
-    committer: Option<JoinHandle<()>>,
     publisher: JoinHandle<()>,
 }
 
 impl WriterThread {
     /// Waits until every queued request is applied, flushed, answered and published.
     pub fn join(self) {
-        // Each thread ends once the one before it has ended and dropped its sender.
         let _ = self.writer.join();
-        if let Some(committer) = self.committer {
-            let _ = committer.join();
-        }
         let _ = self.publisher.join();
     }
 }
@@ -174,28 +162,13 @@ impl Writer {
         let (stream_position, applied_stream) =
             tokio::sync::watch::channel(store.stream_position().unwrap_or(0));
         let store_handle = store.clone();
-        let finisher = Committer {
-            store: store.clone(),
-            sync,
-            publish,
-            failed: failed.clone(),
-            stream_position,
-        };
-        let (commit, committer) = match sync {
-            SyncMode::None => (Commit::Inline(finisher), None),
-            SyncMode::Fsync => {
-                let (to_commit, applied) = std::sync::mpsc::channel();
-                let committer = std::thread::Builder::new()
-                    .name("cairn-committer".into())
-                    .spawn(move || finisher.run(applied))?;
-                (Commit::Thread(to_commit), Some(committer))
-            }
-        };
         let state = WriterState {
             head: store.head(),
+            stream_position,
             store,
+            sync,
             rx,
-            commit,
+            publish,
             failed: failed.clone(),
             last_prune: None,
             frontier: merkle::Frontier::default(),
@@ -216,11 +189,7 @@ impl Writer {
                 forward: None,
                 store: store_handle,
             },
-            WriterThread {
-                writer,
-                committer,
-                publisher,
-            },
+            WriterThread { writer, publisher },
         ))
     }
 
@@ -321,90 +290,17 @@ struct Group {
     head: Head,
     events: Vec<Event>,
     replies: Vec<(Reply, Result<Appended, AppendError>)>,
-    /// Cluster mode: the stream sequence this group brings the store to.
-    stream_position: Option<u64>,
-}
-
-/// Where the writer hands applied groups.
-enum Commit {
-    /// `--sync none`: finished on the writer thread.
-    Inline(Committer),
-    /// fsync: to the committer thread, which syncs everything queued at once.
-    Thread(std::sync::mpsc::Sender<Group>),
-}
-
-/// Makes applied groups durable, then answers and publishes them, in log order.
-struct Committer {
-    store: Arc<Store>,
-    sync: SyncMode,
-    /// Committed groups, in log order, for the publisher thread.
-    publish: std::sync::mpsc::Sender<Vec<Event>>,
-    failed: Failure,
-    /// The newest stream sequence stored and durable (cluster mode).
-    stream_position: tokio::sync::watch::Sender<u64>,
-}
-
-impl Committer {
-    /// The committer thread: one sync for every group applied while the last one ran.
-    fn run(self, applied: std::sync::mpsc::Receiver<Group>) {
-        while let Ok(first) = applied.recv() {
-            let mut groups = vec![first];
-            groups.extend(applied.try_iter());
-            self.finish(groups);
-        }
-    }
-
-    /// Makes `groups` durable with one sync, then answers their requests and publishes
-    /// their events.
-    fn finish(&self, groups: Vec<Group>) {
-        let started = Instant::now();
-        if self.sync == SyncMode::Fsync
-            && self.failed.get().is_none()
-            && let Err(e) = self.store.sync().inspect(|()| {
-                metrics::histogram!(telemetry::FSYNC_DURATION).record(started.elapsed());
-            })
-        {
-            tracing::error!(error = %e, "flushing the log to disk failed; refusing further appends");
-            let _ = self
-                .failed
-                .set(format!("flushing the log to disk failed ({e})"));
-        }
-        let durable = self.failed.get().is_none();
-        if durable && let Some(last) = groups.last() {
-            self.store.set_committed(last.head.clone());
-        }
-        let mut published = Vec::new();
-        let mut position = None;
-        for group in groups {
-            for (reply, outcome) in group.replies {
-                let outcome = if durable {
-                    outcome
-                } else {
-                    outcome.and(Err(unavailable(&self.failed)))
-                };
-                let _ = reply.send(outcome);
-            }
-            if durable {
-                metrics::counter!(telemetry::EVENTS_INGESTED).increment(group.events.len() as u64);
-                published.extend(group.events);
-                position = group.stream_position.or(position);
-            }
-        }
-        if !published.is_empty() {
-            // Committed (above) before published: subscriptions rely on that order.
-            let _ = self.publish.send(published);
-        }
-        if let Some(position) = position {
-            self.stream_position.send_replace(position);
-        }
-    }
 }
 
 struct WriterState {
     store: Arc<Store>,
     head: Head,
+    sync: SyncMode,
     rx: mpsc::Receiver<Input>,
-    commit: Commit,
+    /// The newest stream sequence stored and durable (cluster mode).
+    stream_position: tokio::sync::watch::Sender<u64>,
+    /// Committed groups, in log order, for the publisher thread.
+    publish: std::sync::mpsc::Sender<Vec<Event>>,
     failed: Failure,
     last_prune: Option<Instant>,
     /// The Merkle tree's right edge, so appending never reads the store (reset by its
@@ -598,7 +494,7 @@ impl WriterState {
             }
             if !requests.is_empty() {
                 let group = self.apply(requests);
-                self.commit(group);
+                self.finish(group);
             }
             self.prune_idempotency_keys();
         }
@@ -641,7 +537,6 @@ impl WriterState {
             head: self.head.clone(),
             events: all_events,
             replies,
-            stream_position: None,
         }
     }
 
@@ -702,12 +597,16 @@ impl WriterState {
             self.head = start_head;
             return;
         }
-        self.commit(Group {
+        self.finish(Group {
             head: self.head.clone(),
             events,
             replies: Vec::new(),
-            stream_position: position,
         });
+        if let Some(position) = position
+            && self.failed.get().is_none()
+        {
+            self.stream_position.send_replace(position);
+        }
     }
 
     /// Checks that `events` follow the head (seq, id order, `prev_hash`, each hash
@@ -741,21 +640,37 @@ impl WriterState {
         Ok(())
     }
 
-    /// Hands an applied group on to be made durable, answered and published.
-    fn commit(&self, group: Group) {
-        match &self.commit {
-            Commit::Inline(committer) => committer.finish(vec![group]),
-            Commit::Thread(to_commit) => {
-                if let Err(std::sync::mpsc::SendError(group)) = to_commit.send(group) {
-                    // Only if the committer thread died: nothing of this is durable.
-                    let _ = self.failed.set("the committer thread stopped".into());
-                    for (reply, _) in group.replies {
-                        let _ = reply.send(Err(AppendError::Unavailable(
-                            "the committer stopped".into(),
-                        )));
-                    }
-                }
-            }
+    /// Makes the group durable, then answers its requests and publishes its events.
+    fn finish(&self, group: Group) {
+        let started = Instant::now();
+        if self.sync == SyncMode::Fsync
+            && let Err(e) = self.store.sync().inspect(|()| {
+                metrics::histogram!(telemetry::FSYNC_DURATION).record(started.elapsed());
+            })
+        {
+            tracing::error!(error = %e, "flushing the log to disk failed; refusing further appends");
+            let _ = self
+                .failed
+                .set(format!("flushing the log to disk failed ({e})"));
+        }
+        let durable = self.failed.get().is_none();
+        if durable {
+            self.store.set_committed(group.head);
+        }
+        for (reply, outcome) in group.replies {
+            let outcome = if durable {
+                outcome
+            } else {
+                outcome.and(Err(unavailable(&self.failed)))
+            };
+            let _ = reply.send(outcome);
+        }
+        if durable {
+            metrics::counter!(telemetry::EVENTS_INGESTED).increment(group.events.len() as u64);
+        }
+        if durable && !group.events.is_empty() {
+            // Committed (above) before published: subscriptions rely on that order.
+            let _ = self.publish.send(group.events);
         }
     }
 
