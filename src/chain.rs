@@ -55,43 +55,95 @@ pub struct RecordParts<'a> {
     pub event_type: &'a str,
 }
 
-/// Builds the served JCS line and its hash, in one buffer: the line is written with a
-/// placeholder where the hash goes, the record (the line minus the hash member) is
-/// hashed in two pieces, and the placeholder is overwritten.
+/// The SHA-256 state after `0x00 ‖ {"data":<data_jcs>,`: the part of an event's record
+/// known before the writer gives it an id, a seq and a `prev_hash`. Computed where the
+/// event is parsed (on the request's task, in parallel), so the single writer only
+/// hashes the members it assigns; [`seal_after`] continues from it.
+pub fn data_prefix_hash(data_jcs: &str) -> Sha256 {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(DATA_OPEN);
+    h.update(data_jcs.as_bytes());
+    h.update(b",");
+    h
+}
+
+const DATA_OPEN: &[u8] = b"{\"data\":";
+const HASH_OPEN: &str = "\"hash\":\"";
+const ID_OPEN: &str = "\"id\":\"";
+const PREV_OPEN: &str = "\",\"prev_hash\":\"";
+const SEQ_OPEN: &str = "\",\"seq\":";
+const SOURCE_OPEN: &str = ",\"source\":";
+const TIMESTAMP_OPEN: &str = ",\"timestamp\":\"";
+const TYPE_OPEN: &str = "\",\"type\":\"";
+const CLOSE: &str = "\"}";
+
+/// Builds the served JCS line and its hash (see [`seal_after`]).
 pub fn seal(parts: &RecordParts<'_>) -> (String, [u8; 32]) {
-    let source_len = parts.source_jcs.map_or(0, |s| s.len() + 10);
-    let mut line = String::with_capacity(
-        parts.data_jcs.len() + source_len + parts.timestamp.len() + parts.event_type.len() + 240,
-    );
+    seal_after(parts, data_prefix_hash(parts.data_jcs))
+}
+
+/// Builds the served JCS line and its hash, given `prefix` =
+/// [`data_prefix_hash`]`(parts.data_jcs)`. The record (the line minus its hash member)
+/// is written, its members after `data` hashed, and the hash member inserted before
+/// them. The line's buffer is allocated once at its exact length, so turning it into
+/// the event's `ByteString` does not allocate again.
+pub fn seal_after(parts: &RecordParts<'_>, prefix: Sha256) -> (String, [u8; 32]) {
+    let mut seq_buf = itoa::Buffer::new();
+    let seq = seq_buf.format(parts.seq);
+    let source_len = parts.source_jcs.map_or(0, |s| SOURCE_OPEN.len() + s.len());
+    let hash_member = HASH_OPEN.len() + 64 + 2;
+    let len = DATA_OPEN.len()
+        + parts.data_jcs.len()
+        + 1
+        + hash_member
+        + ID_OPEN.len()
+        + ulid::ULID_LEN
+        + PREV_OPEN.len()
+        + 64
+        + SEQ_OPEN.len()
+        + seq.len()
+        + source_len
+        + TIMESTAMP_OPEN.len()
+        + parts.timestamp.len()
+        + TYPE_OPEN.len()
+        + parts.event_type.len()
+        + CLOSE.len();
+    let mut line = String::with_capacity(len);
     line.push_str("{\"data\":");
     line.push_str(parts.data_jcs);
     line.push(',');
     let member_start = line.len();
-    line.push_str("\"hash\":\"");
-    let hash_start = line.len();
-    line.push_str(&"0".repeat(64));
-    line.push_str("\",");
-    let suffix_start = line.len();
-    line.push_str("\"id\":\"");
+    line.push_str(ID_OPEN);
     let mut id_buf = [0u8; ulid::ULID_LEN];
     line.push_str(parts.id.array_to_str(&mut id_buf));
-    line.push_str("\",\"prev_hash\":\"");
+    line.push_str(PREV_OPEN);
     line.push_str(&hex_str(parts.prev_hash));
-    line.push_str("\",\"seq\":");
-    line.push_str(itoa::Buffer::new().format(parts.seq));
+    line.push_str(SEQ_OPEN);
+    line.push_str(seq);
     if let Some(source) = parts.source_jcs {
-        line.push_str(",\"source\":");
+        line.push_str(SOURCE_OPEN);
         line.push_str(source);
     }
-    line.push_str(",\"timestamp\":\"");
+    line.push_str(TIMESTAMP_OPEN);
     line.push_str(parts.timestamp);
-    line.push_str("\",\"type\":\"");
+    line.push_str(TYPE_OPEN);
     line.push_str(parts.event_type);
-    line.push_str("\"}");
+    line.push_str(CLOSE);
 
-    let bytes = line.as_bytes();
-    let hash = leaf_hash(&[&bytes[..member_start], &bytes[suffix_start..]]);
-    line.replace_range(hash_start..hash_start + 64, &hex_str(&hash));
+    let mut h = prefix;
+    h.update(&line.as_bytes()[member_start..]);
+    let hash: [u8; 32] = h.finalize().into();
+    let mut member = [0u8; HASH_OPEN.len() + 64 + 2];
+    member[..HASH_OPEN.len()].copy_from_slice(HASH_OPEN.as_bytes());
+    // 64 bytes always hold 32 bytes of hex.
+    let _ = hex::encode_to_slice(hash, &mut member[HASH_OPEN.len()..HASH_OPEN.len() + 64]);
+    member[HASH_OPEN.len() + 64..].copy_from_slice(b"\",");
+    line.insert_str(
+        member_start,
+        std::str::from_utf8(&member).unwrap_or_default(),
+    );
+    debug_assert_eq!(line.len(), len);
     (line, hash)
 }
 

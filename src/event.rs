@@ -42,6 +42,34 @@ pub struct NewEvent {
     pub timestamp: Option<String>,
     /// JCS form of `data`.
     pub data_jcs: String,
+    /// The record's hash state after `data` (`chain::data_prefix_hash`), computed on
+    /// the request's task; the writer computes it when absent (forwarded events).
+    #[serde(skip)]
+    pub data_prefix: DataPrefix,
+}
+
+/// A cached hash state: not part of the event's value (equal always, never sent).
+#[derive(Clone, Default)]
+pub struct DataPrefix(pub Option<sha2::Sha256>);
+
+impl DataPrefix {
+    pub fn of(data_jcs: &str) -> DataPrefix {
+        DataPrefix(Some(crate::chain::data_prefix_hash(data_jcs)))
+    }
+}
+
+impl PartialEq for DataPrefix {
+    fn eq(&self, _: &DataPrefix) -> bool {
+        true
+    }
+}
+
+impl Eq for DataPrefix {}
+
+impl std::fmt::Debug for DataPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataPrefix")
+    }
 }
 
 /// One problem in a request: an invalid event member, a malformed parameter.
@@ -238,16 +266,18 @@ fn valid_event<'a>(
         jcs::write_string(&mut jcs, s);
         jcs
     });
+    let data_jcs = if seen_data {
+        data.as_str().to_owned()
+    } else {
+        "{}".to_owned()
+    };
     Some(NewEvent {
         event_type: event_type?,
         source_jcs,
         source,
         timestamp,
-        data_jcs: if seen_data {
-            data.as_str().to_owned()
-        } else {
-            "{}".to_owned()
-        },
+        data_prefix: DataPrefix::of(&data_jcs),
+        data_jcs,
     })
 }
 
@@ -475,6 +505,7 @@ pub fn validate_event(index: usize, value: Value) -> Result<NewEvent, Vec<Proble
         source_jcs,
         source,
         timestamp,
+        data_prefix: DataPrefix::of(&data_jcs),
         data_jcs,
     })
 }

@@ -409,15 +409,22 @@ pub fn seal_group(
             let timestamp = new
                 .timestamp
                 .unwrap_or_else(|| rfc3339::format_unix_ms(id.timestamp_ms()));
-            let (line, hash) = chain::seal(&RecordParts {
-                data_jcs: &new.data_jcs,
-                id,
-                prev_hash: &head.hash,
-                seq,
-                source_jcs: new.source_jcs.as_deref(),
-                timestamp: &timestamp,
-                event_type: &new.event_type,
-            });
+            let prefix = new
+                .data_prefix
+                .0
+                .unwrap_or_else(|| chain::data_prefix_hash(&new.data_jcs));
+            let (line, hash) = chain::seal_after(
+                &RecordParts {
+                    data_jcs: &new.data_jcs,
+                    id,
+                    prev_hash: &head.hash,
+                    seq,
+                    source_jcs: new.source_jcs.as_deref(),
+                    timestamp: &timestamp,
+                    event_type: &new.event_type,
+                },
+                prefix,
+            );
             sealed.events.push(Event {
                 id,
                 seq,
