@@ -5,14 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use cairn::checkpoint;
 use cairn::merkle::{self, naive};
-use common::{Server, cairn, wait_until};
+use common::{Server, auditor, cairn, wait_until};
 use serde_json::{Value, json};
 use tlog_tiles::Hash;
 
@@ -188,19 +187,6 @@ fn checkpoint_at_head(s: &Server) -> String {
         note.lines().nth(1) == Some(&head.to_string())
     });
     note
-}
-
-fn auditor(args: &[&str]) -> (bool, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/auditor.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python3 examples/auditor.py");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 fn write(dir: &Path, name: &str, contents: &str) -> String {

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Server, cairn, wait_until};
+use common::{Server, auditor, cairn, wait_until};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -123,17 +123,7 @@ fn retain_events_settles_and_everything_still_proves_itself() {
         (410, Some("gone")),
         "{body}"
     );
-    let (code, out, err) = cairn(
-        &[
-            "proof",
-            &first_seq.to_string(),
-            "--url",
-            &url,
-            "--token",
-            &server.token,
-        ],
-        &[],
-    );
+    let (code, out, err) = server.cairn(&["proof", &first_seq.to_string()]);
     assert_eq!(code, 0, "{out}{err}");
     let proof = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(proof.path(), &out).unwrap();
@@ -222,20 +212,13 @@ fn retain_events_settles_and_everything_still_proves_itself() {
     ]);
     assert!(ok, "{out}");
 
-    let (code, out, err) = cairn(
-        &[
-            "verify",
-            "--url",
-            &url,
-            "--token",
-            &server.token,
-            "--checkpoint",
-            saved.path().to_str().unwrap(),
-            "--key",
-            key.trim(),
-        ],
-        &[],
-    );
+    let (code, out, err) = server.cairn(&[
+        "verify",
+        "--checkpoint",
+        saved.path().to_str().unwrap(),
+        "--key",
+        key.trim(),
+    ]);
     assert_eq!(code, 0, "{out}{err}");
 
     // Reads from before the horizon start at it and say so.
@@ -346,43 +329,16 @@ fn retain_events_settles_and_everything_still_proves_itself() {
     );
 }
 
-/// SPEC §1's independent auditor (`examples/auditor.py`; Python with `cryptography` and
-/// `rfc8785`, which CI installs).
-fn auditor(args: &[&str]) -> (bool, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/auditor.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python3 examples/auditor.py");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[test]
 fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
     let server = Server::start(&["--checkpoint-interval", "1"]);
     append(&server, 600, 100);
     wait_checkpoint_covers_head(&server);
-    let url = format!("http://{}", server.addr);
     let head = server.head();
     let last_id = head["id"].as_str().unwrap().to_string();
 
     // Remote: a cursor past everything prunes all but the last chunk, and says so.
-    let (code, out, err) = cairn(
-        &[
-            "prune",
-            "--before",
-            &last_id,
-            "--url",
-            &url,
-            "--token",
-            &server.token,
-        ],
-        &[],
-    );
+    let (code, out, err) = server.cairn(&["prune", "--before", &last_id]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("the last event"), "{err}");
     let h = server.head();
@@ -394,18 +350,7 @@ fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
         (200, Some(true)),
         "{v}"
     );
-    let (code, _, err) = cairn(
-        &[
-            "prune",
-            "--before",
-            "earliest",
-            "--url",
-            &url,
-            "--token",
-            &server.token,
-        ],
-        &[],
-    );
+    let (code, _, err) = server.cairn(&["prune", "--before", "earliest"]);
     assert_ne!(code, 0);
     assert!(err.contains("earliest"), "{err}");
 
@@ -416,18 +361,7 @@ fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
     let server = Server::start_on(&data, &["--checkpoint-interval", "3600"]);
     append(&server, 300, 100);
     let last_id = server.head()["id"].as_str().unwrap().to_string();
-    let (code, out, err) = cairn(
-        &[
-            "prune",
-            "--before",
-            &last_id,
-            "--url",
-            &url_of(&server),
-            "--token",
-            &server.token,
-        ],
-        &[],
-    );
+    let (code, out, err) = server.cairn(&["prune", "--before", &last_id]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("not yet covered"), "{err}");
     // Only the chunk the old checkpoint covered went.
@@ -457,10 +391,6 @@ fn prune_offline_and_remote_never_take_the_last_or_uncovered_events() {
     // The server starts on the pruned log (its start-up check runs from the horizon).
     let server = Server::start_on(&data, &[]);
     assert_eq!(server.head()["first_seq"].as_u64(), Some(801));
-}
-
-fn url_of(server: &Server) -> String {
-    format!("http://{}", server.addr)
 }
 
 /// SIGKILL after an archive is durable but before its events are removed: nothing is

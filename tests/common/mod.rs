@@ -248,6 +248,15 @@ impl Server {
             .collect()
     }
 
+    /// Runs `cairn ARGS --url <this server> --token <admin token>`: (exit code, stdout,
+    /// stderr).
+    pub fn cairn(&self, args: &[&str]) -> (i32, String, String) {
+        let url = self.url("");
+        let mut all = args.to_vec();
+        all.extend(["--url", &url, "--token", &self.token]);
+        cairn(&all, &[])
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -349,4 +358,19 @@ pub fn run_bounded(args: &[&std::ffi::OsStr], timeout: Duration) -> (Option<i32>
         std::thread::sleep(Duration::from_millis(20));
     };
     (status.code(), reader.join().unwrap_or_default())
+}
+
+/// SPEC §1's independent auditor (`examples/auditor.py`; Python with `cryptography` and
+/// `rfc8785`, which CI installs): (success, stdout + stderr).
+pub fn auditor(args: &[&str]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/auditor.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3 examples/auditor.py");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
