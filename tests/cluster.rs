@@ -267,6 +267,7 @@ fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
     );
 
     // kill -9 of the sequencer: ingest on the other node succeeds again.
+    let a_newest_id = a.head()["id"].as_str().expect("head id").to_string();
     a.kill();
     let started = Instant::now();
     let mut acked = 5;
@@ -287,24 +288,33 @@ fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
         started.elapsed()
     );
 
-    // Offline token changes on a cluster node's directory would reach it alone: refused.
-    let (code, _, stderr) = common::cairn(
+    // Offline changes to a cluster node's directory would reach it alone: refused.
+    let dir = a.data.to_str().expect("utf-8 path");
+    let newest = a_newest_id.as_str();
+    for args in [
         &[
-            "token",
-            "create",
-            "--data",
-            a.data.to_str().expect("utf-8 path"),
-            "--role",
-            "read",
-            "--name",
-            "offline",
-        ],
-        &[],
-    );
-    assert_ne!(code, 0);
+            "token", "create", "--data", dir, "--role", "read", "--name", "offline",
+        ][..],
+        &["prune", "--data", dir, "--before", newest][..],
+    ] {
+        let (code, _, stderr) = common::cairn(args, &[]);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(
+            stderr.contains("is a node of the cluster stream"),
+            "{args:?}: {stderr}"
+        );
+    }
+
+    // Nor does a node start on another stream's copy.
+    let mut other = node_args(&nats, "a");
+    other.extend(["--nats-stream".to_string(), "OTHER".to_string()]);
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    let refused = Server::launch(&a.data, &other, &[])
+        .err()
+        .expect("refused to start");
     assert!(
-        stderr.contains("is a node of the cluster stream"),
-        "{stderr}"
+        refused.contains("holds a copy of the cluster stream CAIRN, not OTHER"),
+        "{refused}"
     );
 
     // Total NATS outage: 503, never 201; reads keep working.

@@ -12,9 +12,10 @@ pub fn run(args: &PruneArgs) -> Result<ExitCode, String> {
     let outcome: serde_json::Value = if let Some(dir) = &args.data {
         let store = Store::open(DataDir::lock_existing(dir).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
-        if store.stream_position().map_err(|e| e.to_string())? > 0 {
+        // Marked at a node's first start, before it has applied anything.
+        if let Some(stream) = store.cluster_stream().map_err(|e| e.to_string())? {
             return Err(format!(
-                "{} is a cluster node's data directory: pruning one node alone would give it a \
+                "{} is a node of the cluster stream {stream}: pruning one node alone would give it a \
                  horizon of its own; in cluster mode retention must be one decision for the \
                  whole cluster (SPEC §8), which is not built yet",
                 dir.display()
