@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::nats::{NatsCluster, missing};
@@ -23,8 +25,13 @@ fn node_args(nats: &NatsCluster, name: &str) -> Vec<String> {
 /// the admin token (its file); a later node creates none and takes the checkpoint key
 /// and the tokens from the cluster, so it is driven with the first node's token.
 fn node(nats: &NatsCluster, name: &str, first: Option<&Server>) -> Server {
+    node_with(nats, name, first, &[])
+}
+
+fn node_with(nats: &NatsCluster, name: &str, first: Option<&Server>, extra: &[&str]) -> Server {
     let data = tempfile::tempdir().expect("tempdir").keep().join("data");
-    let args = node_args(nats, name);
+    let mut args = node_args(nats, name);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = Server::start_on(&data, &args);
     if let Some(first) = first {
@@ -168,11 +175,88 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
         assert_eq!(n.get_text("/v1/checkpoint").1, checkpoint);
     }
 
-    // A node started empty copies the whole log from the stream.
+    // A node started empty copies the whole log from the stream; `/healthz` reports it
+    // ready only once it has.
     let d = node(&nats, "d", Some(&a));
     assert_same_log(&[&a, &d], total);
+    for (n, name) in [(&a, "a"), (&b, "b"), (&c, "c"), (&d, "d")] {
+        let (status, health) = n.get("/healthz");
+        assert_eq!(status, 200, "{health}");
+        assert_eq!(health["status"], "ok");
+        let view = &health["cluster"];
+        assert_eq!(view["node"], name, "{health}");
+        assert_eq!(view["ready"], true, "{health}");
+        assert_eq!(view["applied_seq"], total, "{health}");
+    }
+    let sequencers = [&a, &b, &c, &d]
+        .iter()
+        .filter(|n| n.get("/healthz").1["cluster"]["role"] == "sequencer")
+        .count();
+    assert_eq!(sequencers, 1);
+
+    // A stream resumed on a node whose copy is behind the cursor waits for it (SPEC §6).
+    let behind = signal_guard(&c);
+    let (status, appended) = post(&a, &batch("while-c-paused", 50), None);
+    assert_eq!(status, 201, "{appended}");
+    let ids: Vec<&str> = appended["data"]["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    drop(behind);
+    let (connected, first) = first_frames(&c, ids[24]);
+    assert_eq!(connected["cursor"], ids[24], "{connected}");
+    assert!(
+        connected["head"]["seq"].as_u64() >= Some(total + 25),
+        "the connected frame's head does not cover the cursor: {connected}"
+    );
+    assert_eq!(first["id"], ids[25], "{first}");
+    let total = total + 50;
+    assert_same_log(&[&a, &c], total);
 
     shared_tokens(&a, &b, &c);
+}
+
+/// SIGSTOPs `server` until dropped (SIGCONT).
+fn signal_guard(server: &Server) -> impl Drop + '_ {
+    struct Paused<'a>(&'a Server);
+    impl Drop for Paused<'_> {
+        fn drop(&mut self) {
+            signal(self.0, "-CONT");
+        }
+    }
+    signal(server, "-STOP");
+    Paused(server)
+}
+
+/// Opens an SSE stream on `server` resuming after `last_event_id`: its `connected` data
+/// and its first event.
+fn first_frames(server: &Server, last_event_id: &str) -> (Value, Value) {
+    use std::io::BufRead;
+    let response = server
+        .http()
+        .get(server.url("/v1/events/stream"))
+        .bearer_auth(&server.token)
+        .header("Last-Event-ID", last_event_id)
+        .send()
+        .expect("stream");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut connected = None;
+    let mut event = String::new();
+    for line in std::io::BufReader::new(response).lines() {
+        let line = line.expect("stream line");
+        if let Some(name) = line.strip_prefix("event: ") {
+            event = name.to_string();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            let data: Value = serde_json::from_str(data).expect("data json");
+            if event != "connected" {
+                return (connected.expect("connected before events"), data);
+            }
+            connected = Some(data);
+        }
+    }
+    panic!("the stream ended before an event");
 }
 
 /// A token created on one node works on every node; revoked on another, it is refused
@@ -326,9 +410,23 @@ fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
     assert_eq!(body["code"], "unavailable");
     let (status, _) = b.get("/v1/events");
     assert_eq!(status, 200);
+    // `/healthz` says so (503 `unavailable`) while the node keeps serving what it has.
+    wait_until(
+        Duration::from_secs(10),
+        "/healthz to report the outage",
+        || {
+            let (status, health) = b.get("/healthz");
+            status == 503
+                && health["status"] == "unavailable"
+                && health["cluster"]["ready"] == false
+        },
+    );
     for i in 0..nats.len() {
         nats.resume(i);
     }
+    wait_until(Duration::from_secs(30), "/healthz to recover", || {
+        b.get("/healthz").0 == 200
+    });
     // The ambiguous request, retried with its key, is answered exactly once.
     let retried = loop {
         let (status, body) = post(&b, &batch("outage", 1), Some("outage-key"));
@@ -353,4 +451,414 @@ fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a2 = Server::start_on(&a.data, &args);
     assert_same_log(&[&a2, &b], acked);
+}
+
+/// Ingest from `workers` threads until stopped: each request a batch of [`PER_REQUEST`]
+/// events carrying its own Idempotency-Key, sent to the nodes in turn, and retried with
+/// the same key (on the next node) until acknowledged, as a careful client does.
+struct Ingest {
+    stop: Arc<AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<Result<Vec<String>, String>>>,
+}
+
+const PER_REQUEST: usize = 5;
+
+impl Ingest {
+    fn start(bases: &[String], token: &str, workers: usize) -> Ingest {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|w| {
+                let bases = bases.to_vec();
+                let token = token.to_string();
+                let stop = stop.clone();
+                std::thread::spawn(move || ingest_worker(w, &bases, &token, &stop))
+            })
+            .collect();
+        Ingest { stop, workers }
+    }
+
+    /// Stops after the requests in flight are acknowledged; every acknowledged key.
+    fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut keys = Vec::new();
+        for w in self.workers {
+            match w.join().expect("ingest worker") {
+                Ok(k) => keys.extend(k),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        keys
+    }
+}
+
+fn ingest_worker(
+    w: usize,
+    bases: &[String],
+    token: &str,
+    stop: &AtomicBool,
+) -> Result<Vec<String>, String> {
+    // Short enough that a frozen node costs a retry elsewhere, not the test.
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut acked = Vec::new();
+    let mut next_node = w;
+    for r in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let key = format!("w{w}-{r}");
+        let events: Vec<Value> = (0..PER_REQUEST)
+            .map(|i| json!({"type": "cluster.ingest", "source": "writer", "data": {"key": key, "i": i}}))
+            .collect();
+        let body = json!({ "events": events }).to_string();
+        let started = Instant::now();
+        loop {
+            let base = &bases[next_node % bases.len()];
+            next_node += 1;
+            let answer = http
+                .post(format!("{base}/v1/events"))
+                .bearer_auth(token)
+                .header("Content-Type", "application/json")
+                .header("Idempotency-Key", &key)
+                .body(body.clone())
+                .send();
+            match answer.map(|a| a.status().as_u16()) {
+                Ok(201) => break,
+                Ok(503) | Err(_) => {}
+                Ok(other) => return Err(format!("{key} on {base}: HTTP {other}")),
+            }
+            if started.elapsed() > Duration::from_secs(90) {
+                return Err(format!("{key} was never acknowledged"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        acked.push(key);
+    }
+    Ok(acked)
+}
+
+/// Posts one event with `key` to `server` until acknowledged; how long that took.
+fn time_until_ingest(server: &Server, key: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, body) = post(server, &batch(key, 1), Some(key));
+        if status == 201 {
+            return started.elapsed();
+        }
+        assert!(status == 503 || status == 0, "{key}: HTTP {status} {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{key}: ingest did not resume within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A stream client that follows one node, and when that node dies resumes on the next
+/// with the last id it received, until it has received `target`. Returns every event
+/// line received, in order. `sse` picks the transport (else WebSocket).
+fn follower(
+    sse: bool,
+    bases: Vec<String>,
+    token: String,
+    target: Arc<std::sync::Mutex<Option<String>>>,
+    connected: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<Result<Vec<String>, String>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async move {
+            let mut lines: Vec<String> = Vec::new();
+            let mut node = 0;
+            let started = Instant::now();
+            let mut connected = Some(connected);
+            loop {
+                if started.elapsed() > Duration::from_secs(180) {
+                    return Err(format!("never reached the target; got {}", lines.len()));
+                }
+                let last = lines.last().map(|l| event_id(l));
+                let outcome = if sse {
+                    follow_sse(
+                        &bases[node],
+                        &token,
+                        last.as_deref(),
+                        &mut lines,
+                        &target,
+                        &mut connected,
+                    )
+                    .await
+                } else {
+                    follow_ws(
+                        &bases[node],
+                        &token,
+                        last.as_deref(),
+                        &mut lines,
+                        &target,
+                        &mut connected,
+                    )
+                    .await
+                };
+                match outcome {
+                    Followed::Done => return Ok(lines),
+                    // The node is gone: the next one. Ended or refused (503): again.
+                    Followed::Refused if node + 1 < bases.len() => node += 1,
+                    Followed::Refused | Followed::Ended => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        })
+    })
+}
+
+enum Followed {
+    /// Received `target`.
+    Done,
+    /// The connection was refused (the node is down).
+    Refused,
+    /// The stream ended, or was answered with an error such as 503.
+    Ended,
+}
+
+fn event_id(line: &str) -> String {
+    let event: Value = serde_json::from_str(line).expect("event line");
+    event["id"].as_str().expect("id").to_string()
+}
+
+fn reached(lines: &[String], target: &std::sync::Mutex<Option<String>>) -> bool {
+    let target = target.lock().expect("target").clone();
+    target.is_some() && lines.last().map(|l| event_id(l)) == target
+}
+
+async fn follow_sse(
+    base: &str,
+    token: &str,
+    last: Option<&str>,
+    lines: &mut Vec<String>,
+    target: &std::sync::Mutex<Option<String>>,
+    connected: &mut Option<std::sync::mpsc::Sender<()>>,
+) -> Followed {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let http = reqwest::Client::new();
+    let mut request = http
+        .get(format!("{base}/v1/events/stream"))
+        .bearer_auth(token);
+    if let Some(id) = last {
+        request = request.header("Last-Event-ID", id);
+    }
+    let response = match request.send().await {
+        Ok(r) if r.status() == 200 => r,
+        Ok(_) => return Followed::Ended,
+        Err(e) if e.is_connect() => return Followed::Refused,
+        Err(_) => return Followed::Ended,
+    };
+    let mut frames = response.bytes_stream().eventsource();
+    loop {
+        // Heartbeats (`--heartbeat 1`) bound the wait, so the target is checked often.
+        let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await;
+        match frame {
+            Ok(Some(Ok(frame))) if frame.event == "connected" => {
+                if let Some(tx) = connected.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Some(Ok(frame))) => lines.push(frame.data),
+            Ok(Some(Err(_)) | None) => return Followed::Ended,
+            Err(_) => {}
+        }
+        if reached(lines, target) {
+            return Followed::Done;
+        }
+    }
+}
+
+async fn follow_ws(
+    base: &str,
+    token: &str,
+    last: Option<&str>,
+    lines: &mut Vec<String>,
+    target: &std::sync::Mutex<Option<String>>,
+    connected: &mut Option<std::sync::mpsc::Sender<()>>,
+) -> Followed {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let addr = base.trim_start_matches("http://");
+    let mut url = format!("ws://{addr}/v1/events/ws?token={token}");
+    if let Some(id) = last {
+        url.push_str(&format!("&since={id}"));
+    }
+    let mut ws = match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => ws,
+        Err(tokio_tungstenite::tungstenite::Error::Io(_)) => return Followed::Refused,
+        Err(_) => return Followed::Ended,
+    };
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(1), ws.next()).await;
+        match message {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let value: Value = serde_json::from_str(&text).expect("JSON message");
+                match (value["type"].as_str(), value.get("seq")) {
+                    (Some("connected"), None) => {
+                        if let Some(tx) = connected.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    (Some("error"), None) => panic!("WebSocket error message: {value}"),
+                    _ => lines.push(text.to_string()),
+                }
+            }
+            Ok(Some(Ok(_))) | Err(_) => {}
+            Ok(Some(Err(_)) | None) => return Followed::Ended,
+        }
+        if reached(lines, target) {
+            return Followed::Done;
+        }
+    }
+}
+
+fn role(server: &Server) -> String {
+    let (_, health) = server.get("/healthz");
+    health["cluster"]["role"].as_str().unwrap_or("").to_string()
+}
+
+fn signal(server: &Server, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(server.pid().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// SPEC §6's failures under concurrent ingest, with clients streaming: kill -9 of the
+/// node they stream from (they resume on another), rounds of kill -9 of the NATS stream
+/// leader, and SIGSTOP of the sequencer past its lease. Every acknowledged event is in
+/// the log exactly once on every node, nothing forks, and each client ends with exactly
+/// the log.
+#[test]
+fn failovers_under_ingest_lose_nothing_and_streams_resume_elsewhere() {
+    if missing() {
+        return;
+    }
+    let mut nats = NatsCluster::start(3);
+    let heartbeat = ["--heartbeat", "1"];
+    let a = node_with(&nats, "a", None, &heartbeat);
+    let b = node_with(&nats, "b", Some(&a), &heartbeat);
+    let mut c = node_with(&nats, "c", Some(&a), &heartbeat);
+    let token = a.token.clone();
+    let base = |s: &Server| s.url("");
+
+    // Clients streaming from c, which resume on b when c dies.
+    let target = Arc::new(std::sync::Mutex::new(None));
+    let (connected_tx, connected) = std::sync::mpsc::channel();
+    let followers: Vec<_> = [true, false]
+        .into_iter()
+        .map(|sse| {
+            follower(
+                sse,
+                vec![base(&c), base(&b)],
+                token.clone(),
+                target.clone(),
+                connected_tx.clone(),
+            )
+        })
+        .collect();
+    for _ in 0..2 {
+        connected
+            .recv_timeout(Duration::from_secs(10))
+            .expect("both streams connected");
+    }
+
+    let ingest = Ingest::start(&[base(&a), base(&b)], &token, 3);
+    wait_until(Duration::from_secs(20), "c to apply some ingest", || {
+        head_seq(&c) >= 100
+    });
+    c.kill();
+
+    // The NATS stream leader, killed under ingest, several rounds.
+    for round in 0..3 {
+        wait_until(
+            Duration::from_secs(30),
+            "every replica of the stream to be current",
+            || nats.stream_current("CAIRN"),
+        );
+        let leader = nats.stream_leader("CAIRN").expect("a stream leader");
+        nats.kill(leader);
+        let took = time_until_ingest(&b, &format!("leader-kill-{round}"));
+        eprintln!(
+            "round {round}: ingest resumed {took:?} after kill -9 of the stream leader n{leader}"
+        );
+        nats.restart(leader);
+    }
+
+    // The sequencer frozen past its lease: another node takes over; once thawed, the old
+    // one must not append on its stale head (the stream refuses it), so nothing forks.
+    let (sequencer, other) = if role(&a) == "sequencer" {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(role(sequencer), "sequencer");
+    signal(sequencer, "-STOP");
+    let took = time_until_ingest(other, "sequencer-frozen");
+    eprintln!("ingest resumed {took:?} after SIGSTOP of the sequencer");
+    signal(sequencer, "-CONT");
+    time_until_ingest(sequencer, "after-thaw");
+
+    let acked = ingest.finish();
+    let probes = 5;
+    let total = (acked.len() * PER_REQUEST + probes) as u64;
+    assert_same_log(&[&a, &b], total);
+
+    // Every acknowledged request is in the log exactly once.
+    let mut per_key = std::collections::HashMap::<String, usize>::new();
+    for line in b.export_lines() {
+        let event: Value = serde_json::from_str(&line).expect("event");
+        if let Some(key) = event["data"]["key"].as_str() {
+            *per_key.entry(key.to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        per_key.len(),
+        acked.len(),
+        "requests in the log vs acknowledged"
+    );
+    for key in &acked {
+        assert_eq!(per_key.get(key), Some(&PER_REQUEST), "{key}");
+    }
+
+    // One sequencer, every node ready and caught up.
+    let views: Vec<Value> = [&a, &b]
+        .iter()
+        .map(|n| n.get("/healthz").1["cluster"].clone())
+        .collect();
+    assert_eq!(
+        views.iter().filter(|v| v["role"] == "sequencer").count(),
+        1,
+        "{views:?}"
+    );
+    for v in &views {
+        assert_eq!(v["ready"], true, "{v}");
+        assert_eq!(v["applied_seq"], total, "{v}");
+    }
+
+    // The clients that followed c, then b, hold exactly b's log.
+    *target.lock().expect("target") = Some(b.head()["id"].as_str().expect("head id").to_string());
+    let expected = b.export_lines();
+    for (f, sse) in followers.into_iter().zip(["SSE", "WebSocket"]) {
+        let lines = f
+            .join()
+            .expect("follower")
+            .unwrap_or_else(|e| panic!("{sse}: {e}"));
+        assert_eq!(lines.len(), expected.len(), "{sse}: events received");
+        assert!(
+            lines == expected,
+            "{sse}: the events received differ from the log"
+        );
+    }
 }

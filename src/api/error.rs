@@ -177,12 +177,18 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let retry = self.code == ErrorCode::Unavailable;
+        // Every 503 says when to come back: the cluster's log is usually back (or this
+        // node caught up) within a second; a stream slot takes longer to free.
+        let retry_after = match self.code {
+            ErrorCode::Unavailable => Some("1"),
+            ErrorCode::TooManyConnections => Some("2"),
+            _ => None,
+        };
         let mut response = (self.status, axum::Json(self.body(None))).into_response();
-        if retry {
+        if let Some(seconds) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from_static(seconds),
             );
         }
         response

@@ -2,7 +2,7 @@
 
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -16,28 +16,59 @@ pub struct Health {
     head: HeadJson,
     /// Open streams (SSE and WebSocket together).
     connections: usize,
+    /// Cluster mode only (SPEC §6): this node's place in the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<crate::cluster::ClusterView>,
 }
 
-/// Always `ok` while the server answers.
+/// `ok` while the server answers; in cluster mode, `starting` until the node has
+/// caught up with the cluster's log and `unavailable` while it cannot reach NATS (both
+/// with HTTP 503).
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
     Ok,
+    Starting,
+    Unavailable,
 }
 
-/// Liveness and the chain head
+/// Liveness, readiness and the chain head
 #[utoipa::path(
     get,
     path = "/healthz",
     tag = "operations",
-    responses((status = 200, description = "The server is up", body = Health))
+    responses(
+        (status = 200, description = "The server is up (and in cluster mode, ready)",
+            body = Health),
+        (status = 503, description = "Cluster mode: this node is catching up with the \
+            cluster's log (`starting`) or cannot reach NATS (`unavailable`); it still \
+            serves what it has", body = Health,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    )
 )]
-pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
-    axum::Json(Health {
-        status: HealthStatus::Ok,
+pub async fn healthz(State(state): State<AppState>) -> Response {
+    use crate::cluster::Readiness;
+    let readiness = state.cluster.as_ref().map(|c| c.readiness());
+    let status = match readiness {
+        None | Some(Readiness::Ready) => HealthStatus::Ok,
+        Some(Readiness::Starting) => HealthStatus::Starting,
+        Some(Readiness::Unavailable) => HealthStatus::Unavailable,
+    };
+    let body = axum::Json(Health {
+        status,
         head: head_json(&state.store.head()),
         connections: state.streams.open(),
-    })
+        cluster: state.cluster.as_ref().map(|c| c.view()),
+    });
+    match readiness {
+        None | Some(Readiness::Ready) => body.into_response(),
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            body,
+        )
+            .into_response(),
+    }
 }
 
 /// Prometheus metrics

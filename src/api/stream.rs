@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Extension, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
@@ -89,16 +89,33 @@ pub struct StreamConfig {
 }
 
 pub(super) fn too_many() -> Response {
-    let mut response = ApiError::new(
+    ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooManyConnections,
         "the server has reached --max-connections open streams; retry later",
     )
-    .into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-    response
+    .into_response()
+}
+
+/// Cluster mode (SPEC §6): a stream starts only on a node that has caught up with the
+/// cluster's log, and only once this node's copy holds the client's cursor (waiting up
+/// to 10 s): a resume on another node must never skip what the first node served.
+pub(super) async fn cluster_gate(
+    cluster: Option<&crate::cluster::Status>,
+    cursor: Ulid,
+) -> Result<(), ApiError> {
+    let Some(cluster) = cluster else {
+        return Ok(());
+    };
+    if !cluster.serves_streams() {
+        return Err(ApiError::unavailable(
+            "this node has not caught up with the cluster's log; retry, here or on another node",
+        ));
+    }
+    cluster
+        .catch_up(cursor)
+        .await
+        .map_err(ApiError::unavailable)
 }
 
 /// What a stream delivers: a query's selection without `until` (a stream continues live).
@@ -192,8 +209,9 @@ pub(super) fn start_cursor(
         (status = 400, description = "A malformed parameter or Last-Event-ID, named in \
             `details`, or `until` (not supported on streams)", body = openapi::Error),
         (status = 401, description = "No valid token", body = openapi::Error),
-        (status = 503, description = "`--max-connections` streams are open",
-            body = openapi::Error,
+        (status = 503, description = "`--max-connections` streams are open \
+            (`too_many_connections`), or in cluster mode this node has not caught up with \
+            the cluster's log or the cursor (`unavailable`)", body = openapi::Error,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     )
 )]
@@ -209,8 +227,10 @@ pub async fn stream(
     let Some(slot) = state.streams.try_acquire() else {
         return Ok(too_many());
     };
+    let start = start_cursor(&headers, &params, &selection, state.store.head().id)?;
+    cluster_gate(state.cluster.as_deref(), start).await?;
+    // Read after the gate: the head the `connected` frame reports covers the cursor.
     let head = state.store.head();
-    let start = start_cursor(&headers, &params, &selection, head.id)?;
     // `id:`-only frames tell a filtered client how far the scan went. A token with an
     // allow-list must not learn the ids of events it may not see, so it gets plain
     // heartbeats (and rescans what its filter passed over after a reconnect).

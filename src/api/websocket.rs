@@ -39,8 +39,8 @@ use ulid::Ulid;
 use super::openapi;
 use super::read::Selection;
 use super::stream::{
-    SlotGuard, StreamConfig, connected_json, start_at_horizon, start_cursor, stream_selection,
-    too_many,
+    SlotGuard, StreamConfig, cluster_gate, connected_json, start_at_horizon, start_cursor,
+    stream_selection, too_many,
 };
 use super::{ApiError, AppState, ErrorCode};
 use crate::auth::{Caller, Role};
@@ -107,8 +107,9 @@ mod close {
             headers(("Allow" = String, description = "GET"))),
         (status = 426, description = "The connection cannot be upgraded (HTTP/1.0)",
             body = openapi::Error),
-        (status = 503, description = "`--max-connections` streams are open",
-            body = openapi::Error,
+        (status = 503, description = "`--max-connections` streams are open \
+            (`too_many_connections`), or in cluster mode this node has not caught up with \
+            the cluster's log or the cursor (`unavailable`)", body = openapi::Error,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     )
 )]
@@ -162,17 +163,21 @@ pub async fn events_ws(
         .map_err(|e| ApiError::bad_request(e.body_text()))
         .and_then(|Query(params)| {
             let selection = stream_selection(&params, &caller)?;
-            let head = state.store.head();
-            let start = start_cursor(&headers, &params, &selection, head.id)?;
-            Ok((start, selection, head))
+            let start = start_cursor(&headers, &params, &selection, state.store.head().id)?;
+            Ok((start, selection))
         });
-    let (start, selection, head) = match start {
+    let (start, selection) = match start {
         Ok(start) => start,
         Err(e) => return refuse(upgrade, state.stream, e, close::BAD_REQUEST),
     };
     let Some(slot) = state.streams.try_acquire() else {
         return too_many();
     };
+    if let Err(e) = cluster_gate(state.cluster.as_deref(), start).await {
+        return e.into_response();
+    }
+    // Read after the gate: the head the `connected` message reports covers the cursor.
+    let head = state.store.head();
     let (after, pruned_before) = start_at_horizon(&state.store, start);
     let subscription = Subscription::new(
         state.store.clone(),
@@ -188,6 +193,7 @@ pub async fn events_ws(
         store: state.store.clone(),
         caller,
         delivered: start,
+        cluster: state.cluster.clone(),
         settings: state.stream,
         _slot: slot,
     };
@@ -242,6 +248,8 @@ struct Connection {
     /// The newest event sent (or the start cursor): a `subscribe` without `since`
     /// continues after it.
     delivered: Ulid,
+    /// Cluster mode: a `subscribe` with `since` waits for this node's copy as a resume does.
+    cluster: Option<Arc<crate::cluster::Status>>,
     settings: StreamConfig,
     _slot: SlotGuard,
 }
@@ -289,7 +297,7 @@ impl Connection {
                 incoming = socket.recv() => match incoming {
                     None => return End::Gone,
                     Some(Err(e)) => return unreadable(e),
-                    Some(Ok(Message::Text(text))) => vec![self.command(&text)],
+                    Some(Ok(Message::Text(text))) => vec![self.command(&text).await],
                     Some(Ok(Message::Binary(_))) => vec![error_message(&ApiError::bad_request(
                         "commands are JSON text messages, not binary",
                     ))],
@@ -338,8 +346,14 @@ impl Connection {
 
     /// Applies a `subscribe` and answers `connected`, or answers an error and changes
     /// nothing.
-    fn command(&mut self, text: &str) -> Message {
-        match self.parse_command(text) {
+    async fn command(&mut self, text: &str) -> Message {
+        let parsed = match self.parse_command(text) {
+            Ok((after, selection)) => cluster_gate(self.cluster.as_deref(), after)
+                .await
+                .map(|()| (after, selection)),
+            Err(e) => Err(e),
+        };
+        match parsed {
             Ok((after, selection)) => {
                 let (start, pruned_before) = start_at_horizon(&self.store, after);
                 self.subscription.reposition(start, Arc::new(selection));

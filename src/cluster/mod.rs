@@ -143,6 +143,13 @@ pub struct ClusterView {
     pub ready: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Starting,
+    Unavailable,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -168,17 +175,28 @@ impl Status {
             },
             applied_seq,
             stream_seq: self.stream_seq.load(Ordering::Relaxed).max(applied_seq),
-            ready: self.is_ready(),
+            ready: self.readiness() == Readiness::Ready,
         }
     }
 
-    /// Caught up, NATS reachable, and the local copy never disagreed with the stream.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.writer.failure().is_none()
+    /// What `/healthz` reports: a node that cannot reach NATS, or whose copy disagreed
+    /// with the stream, is unavailable; one still applying the stream as it was at start
+    /// is starting.
+    pub fn readiness(&self) -> Readiness {
+        if self.writer.failure().is_some() || !self.reachable.load(Ordering::Relaxed) {
+            Readiness::Unavailable
+        } else if !self.ready.load(Ordering::Relaxed) {
+            Readiness::Starting
+        } else {
+            Readiness::Ready
+        }
     }
 
-    pub fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::Relaxed)
+    /// Streams may start: caught up with the stream as it was at start, and the copy
+    /// never disagreed with it. NATS need not be reachable: a node keeps serving what it
+    /// has (SPEC §6).
+    pub fn serves_streams(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.writer.failure().is_none()
     }
 
     /// Waits until this node's copy holds `cursor`, if the cluster has it: a stream that

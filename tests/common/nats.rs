@@ -17,6 +17,8 @@ struct NatsServer {
     child: Option<Child>,
     config: PathBuf,
     client_port: u16,
+    /// The monitoring port (`/jsz`: who leads each stream).
+    http_port: u16,
 }
 
 /// True (after a line saying so) when nats-server is not installed, unless
@@ -53,6 +55,7 @@ impl NatsCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let http_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = route_ports
             .iter()
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
@@ -66,9 +69,11 @@ impl NatsCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "listen: 127.0.0.1:{}\nserver_name: n{i}\njetstream {{ store_dir: \"{}\" }}\n\
+                    "listen: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\nserver_name: n{i}\n\
+                     jetstream {{ store_dir: \"{}\" }}\n\
                      cluster {{ name: cairn_test, listen: 127.0.0.1:{}, routes: [{routes}] }}\n",
                     client_ports[i],
+                    http_ports[i],
                     dir.display(),
                     route_ports[i]
                 ),
@@ -78,6 +83,7 @@ impl NatsCluster {
                 child: None,
                 config,
                 client_port: client_ports[i],
+                http_port: http_ports[i],
             });
         }
         let mut cluster = NatsCluster { servers, _tmp: tmp };
@@ -125,6 +131,55 @@ impl NatsCluster {
         wait_until(Duration::from_secs(10), "nats-server to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
+    }
+
+    /// The index of the server leading `stream`, as a running server reports it.
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        let cluster = self.stream_cluster(stream)?;
+        let name = cluster["leader"].as_str()?;
+        name.strip_prefix('n')?.parse().ok()
+    }
+
+    /// Every replica of `stream` is current, as its leader reports (a restarted server
+    /// has caught up).
+    pub fn stream_current(&self, stream: &str) -> bool {
+        let Some(leader) = self.stream_leader(stream) else {
+            return false;
+        };
+        let Some(cluster) = self.jsz_stream_cluster(leader, stream) else {
+            return false;
+        };
+        let replicas = cluster["replicas"].as_array().cloned().unwrap_or_default();
+        replicas.len() + 1 == self.servers.len() && replicas.iter().all(|r| r["current"] == true)
+    }
+
+    /// The `cluster` member of `stream` in the first running server's `/jsz`.
+    fn stream_cluster(&self, stream: &str) -> Option<serde_json::Value> {
+        (0..self.servers.len())
+            .filter(|&i| self.servers[i].child.is_some())
+            .find_map(|i| self.jsz_stream_cluster(i, stream))
+    }
+
+    fn jsz_stream_cluster(&self, i: usize, stream: &str) -> Option<serde_json::Value> {
+        let url = format!(
+            "http://127.0.0.1:{}/jsz?accounts=true&streams=true",
+            self.servers[i].http_port
+        );
+        let jsz: serde_json::Value = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?
+            .get(url)
+            .send()
+            .ok()?
+            .json()
+            .ok()?;
+        jsz["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .find(|s| s["name"] == stream)
+            .map(|s| s["cluster"].clone())
     }
 
     fn signal(&self, i: usize, signal: &str) {
