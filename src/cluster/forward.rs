@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::client::RequestErrorKind;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Names;
+use super::sequencer::LEASE_KEY;
+use super::shared::SharedMap;
 
 use crate::event::NewEvent;
 use crate::store::Head;
@@ -90,15 +96,48 @@ impl WireReply {
 /// Sends appends to the sequencer (see the module docs).
 pub struct Forwarder {
     client: async_nats::Client,
-    subject: String,
+    names: Names,
+    /// The node holding the sequencer lease, as last seen in the lease bucket.
+    holder: watch::Receiver<Option<String>>,
     writer: Writer,
 }
 
+/// Keeps `holder` equal to the lease bucket's holder until `shutdown`. An expired lease
+/// sends no change (JetStream drops it silently); the next holder's write does.
+pub(super) fn follow_lease_holder(
+    lease: &SharedMap,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Option<String>> {
+    let (holder_tx, holder) = watch::channel(None);
+    let (mut changes, _) = lease.follow(shutdown);
+    tokio::spawn(async move {
+        while let Some(change) = changes.recv().await {
+            if change.key == LEASE_KEY {
+                let node = change
+                    .value
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                holder_tx.send_if_modified(|h| {
+                    let modified = *h != node;
+                    *h = node;
+                    modified
+                });
+            }
+        }
+    });
+    holder
+}
+
 impl Forwarder {
-    pub(super) fn new(client: async_nats::Client, subject: String, writer: Writer) -> Forwarder {
+    pub(super) fn new(
+        client: async_nats::Client,
+        names: Names,
+        holder: watch::Receiver<Option<String>>,
+        writer: Writer,
+    ) -> Forwarder {
         Forwarder {
             client,
-            subject,
+            names,
+            holder,
             writer,
         }
     }
@@ -117,10 +156,22 @@ impl Forwarder {
             .into();
         let started = Instant::now();
         loop {
+            // Sent to the lease holder's own subject, not to a subject every sequencer
+            // shares: a holder that froze (SIGSTOP, a stalled VM) keeps its NATS
+            // subscription for minutes, and must stop receiving requests as soon as
+            // another node holds the lease.
+            let holder = self.holder.borrow().clone();
+            let Some(holder) = holder else {
+                if started.elapsed() >= FIND_SEQUENCER {
+                    return Err(no_sequencer());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
             let sent = self
                 .client
                 .send_request(
-                    self.subject.clone(),
+                    self.names.ingest_for(&holder),
                     async_nats::Request::new()
                         .payload(payload.clone())
                         .timeout(Some(REQUEST_TIMEOUT)),
@@ -161,11 +212,7 @@ impl Forwarder {
                 },
             };
             if retry && started.elapsed() >= FIND_SEQUENCER {
-                return Err(AppendError::ClusterUnavailable(
-                    "the cluster has no sequencer right now (NATS unreachable or a take-over \
-                     under way); nothing was appended"
-                        .into(),
-                ));
+                return Err(no_sequencer());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -225,4 +272,12 @@ impl Forwarder {
         }
         Ok(appended)
     }
+}
+
+fn no_sequencer() -> AppendError {
+    AppendError::ClusterUnavailable(
+        "the cluster has no sequencer right now (NATS unreachable or a take-over under \
+         way); nothing was appended"
+            .into(),
+    )
 }

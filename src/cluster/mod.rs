@@ -78,7 +78,7 @@ struct Names {
     stream: String,
     /// The one subject of the log stream: one message per group commit.
     log: String,
-    /// Forwarded ingest requests (not a stream subject).
+    /// Forwarded ingest requests (not a stream subject): `<ingest>.<node, hex>`.
     ingest: String,
     lease_bucket: String,
 }
@@ -91,6 +91,13 @@ impl Names {
             ingest: format!("cairn.{stream}.ingest"),
             lease_bucket: format!("{stream}_lease"),
         }
+    }
+
+    /// The subject the sequencer `node` takes ingest requests on. Hex keeps any node
+    /// name (the default is the listen address) one subject token.
+    fn ingest_for(&self, node: &str) -> String {
+        let hex: String = node.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{}.{hex}", self.ingest)
     }
 }
 
@@ -386,6 +393,7 @@ pub async fn start(
         target = start_target,
         "cluster mode: catching up with the stream"
     );
+    let holder = forward::follow_lease_holder(&lease, shutdown.clone());
     tokio::spawn(applier::run(log.clone(), writer.clone(), shutdown.clone()));
     tokio::spawn(mark_ready(status.clone(), start_target, shutdown.clone()));
     tokio::spawn(watch_stream_head(status.clone(), shutdown.clone()));
@@ -394,7 +402,7 @@ pub async fn start(
             client: client.clone(),
             js,
             log,
-            lease,
+            lease: lease.kv.clone(),
             lease_time: opts.lease,
             names: names.clone(),
             store,
@@ -403,7 +411,7 @@ pub async fn start(
         }
         .run(shutdown),
     );
-    let forwarder = Arc::new(Forwarder::new(client, names.ingest.clone(), writer));
+    let forwarder = Arc::new(Forwarder::new(client, names, holder, writer));
     Ok(Cluster {
         status,
         forwarder,

@@ -21,12 +21,13 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::forward::{WireReply, WireRequest};
+use super::shared::SharedMap;
 use super::{ClusterError, GroupMessage, Names, Status};
 use crate::store::Store;
 use crate::store::bincode_config;
 use crate::writer::{self, AppendError, Appended, Writer};
 
-const LEASE_KEY: &str = "sequencer";
+pub(super) const LEASE_KEY: &str = "sequencer";
 /// Most forwarded requests sealed into one group.
 const MAX_GROUP_REQUESTS: usize = 1024;
 /// Room for headers and the message's framing under the servers' `max_payload`.
@@ -40,12 +41,8 @@ pub(super) async fn lease_bucket(
     names: &Names,
     replicas: usize,
     lease: Duration,
-) -> Result<kv::Store, ClusterError> {
-    Ok(
-        super::shared::open(js, &names.lease_bucket, replicas, lease)
-            .await?
-            .kv,
-    )
+) -> Result<SharedMap, ClusterError> {
+    super::shared::open(js, &names.lease_bucket, replicas, lease).await
 }
 
 pub(super) struct Sequencer {
@@ -125,7 +122,7 @@ impl Sequencer {
         }
         let mut requests = match self
             .client
-            .queue_subscribe(self.names.ingest.clone(), "sequencer".into())
+            .queue_subscribe(self.names.ingest_for(&self.status.node), "sequencer".into())
             .await
         {
             Ok(s) => s,
