@@ -6,11 +6,11 @@
 //! JetStream's ack) and after this node has applied it, so the answering node serves
 //! the events as soon as it has answered (SPEC §6).
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::client::RequestErrorKind;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Names;
@@ -97,41 +97,60 @@ impl WireReply {
 pub struct Forwarder {
     client: async_nats::Client,
     names: Names,
-    /// The node holding the sequencer lease, as last seen in the lease bucket.
-    holder: watch::Receiver<Option<String>>,
+    holder: Arc<LeaseHolder>,
     writer: Writer,
 }
 
-/// Keeps `holder` equal to the lease bucket's holder until `shutdown`. An expired lease
-/// sends no change (JetStream drops it silently); the next holder's write does.
-pub(super) fn follow_lease_holder(
-    lease: &SharedMap,
-    shutdown: CancellationToken,
-) -> watch::Receiver<Option<String>> {
-    let (holder_tx, holder) = watch::channel(None);
-    let (mut changes, _) = lease.follow(shutdown);
-    tokio::spawn(async move {
-        while let Some(change) = changes.recv().await {
-            if change.key == LEASE_KEY {
-                let node = change
-                    .value
-                    .map(|v| String::from_utf8_lossy(&v).into_owned());
-                holder_tx.send_if_modified(|h| {
-                    let modified = *h != node;
-                    *h = node;
-                    modified
-                });
+/// The node holding the sequencer lease: followed in the lease bucket, and read from the
+/// bucket again when a request finds nobody on the holder's subject (a change the watch
+/// has not brought yet). An expired lease sends no change (JetStream drops it silently);
+/// the next holder's write does.
+pub(super) struct LeaseHolder {
+    current: Mutex<Option<String>>,
+    lease: SharedMap,
+}
+
+impl LeaseHolder {
+    pub(super) fn follow(lease: SharedMap, shutdown: CancellationToken) -> Arc<LeaseHolder> {
+        let holder = Arc::new(LeaseHolder {
+            current: Mutex::new(None),
+            lease,
+        });
+        let (mut changes, _) = holder.lease.follow(shutdown);
+        let following = holder.clone();
+        tokio::spawn(async move {
+            while let Some(change) = changes.recv().await {
+                if change.key == LEASE_KEY {
+                    following.set(change.value);
+                }
             }
+        });
+        holder
+    }
+
+    fn current(&self) -> Option<String> {
+        self.current.lock().map(|h| h.clone()).unwrap_or(None)
+    }
+
+    fn set(&self, value: Option<bytes::Bytes>) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = value.map(|v| String::from_utf8_lossy(&v).into_owned());
         }
-    });
-    holder
+    }
+
+    async fn refresh(&self) {
+        match self.lease.get(LEASE_KEY).await {
+            Ok(entry) => self.set(entry.and_then(|e| e.value)),
+            Err(e) => tracing::debug!(error = %e, "cannot read the sequencer lease"),
+        }
+    }
 }
 
 impl Forwarder {
     pub(super) fn new(
         client: async_nats::Client,
         names: Names,
-        holder: watch::Receiver<Option<String>>,
+        holder: Arc<LeaseHolder>,
         writer: Writer,
     ) -> Forwarder {
         Forwarder {
@@ -160,12 +179,12 @@ impl Forwarder {
             // shares: a holder that froze (SIGSTOP, a stalled VM) keeps its NATS
             // subscription for minutes, and must stop receiving requests as soon as
             // another node holds the lease.
-            let holder = self.holder.borrow().clone();
-            let Some(holder) = holder else {
+            let Some(holder) = self.holder.current() else {
                 if started.elapsed() >= FIND_SEQUENCER {
                     return Err(no_sequencer());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                self.holder.refresh().await;
                 continue;
             };
             let sent = self
@@ -194,8 +213,13 @@ impl Forwarder {
                 }
                 Err(e) => match e.kind() {
                     // Nobody holds the lease right now: a take-over is under way.
-                    RequestErrorKind::NoResponders => true,
+                    RequestErrorKind::NoResponders => {
+                        self.holder.refresh().await;
+                        true
+                    }
                     RequestErrorKind::TimedOut => {
+                        // A frozen holder: the next request goes to whoever holds now.
+                        self.holder.refresh().await;
                         return Err(AppendError::ClusterUnavailable(
                             "the cluster's sequencer did not answer in time; the events may or \
                              may not have been appended (retry with the same Idempotency-Key to \

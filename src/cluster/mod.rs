@@ -393,7 +393,7 @@ pub async fn start(
         target = start_target,
         "cluster mode: catching up with the stream"
     );
-    let holder = forward::follow_lease_holder(&lease, shutdown.clone());
+    let holder = forward::LeaseHolder::follow(lease.clone(), shutdown.clone());
     tokio::spawn(applier::run(log.clone(), writer.clone(), shutdown.clone()));
     tokio::spawn(mark_ready(status.clone(), start_target, shutdown.clone()));
     tokio::spawn(watch_stream_head(status.clone(), shutdown.clone()));
