@@ -401,15 +401,73 @@ fn sequencer_loss_and_nats_outage_lose_nothing_acknowledged() {
         "{refused}"
     );
 
-    // Total NATS outage: 503, never 201; reads keep working.
+    // Nor with a signing key other than the cluster's, nor on other stream settings.
+    let foreign = tempfile::tempdir().expect("tempdir").keep();
+    let mut standalone = Server::start_on(&foreign.join("single"), &[]);
+    standalone.kill();
+    let stranger = foreign.join("stranger");
+    std::fs::create_dir_all(&stranger).expect("dir");
+    std::fs::copy(
+        foreign.join("single").join("checkpoint.key"),
+        stranger.join("checkpoint.key"),
+    )
+    .expect("copy the key");
+    let args = node_args(&nats, "stranger");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = Server::launch(&stranger, &args, &[])
+        .err()
+        .expect("refused to start");
+    assert!(
+        refused.contains("holds another signing key than the cluster's"),
+        "{refused}"
+    );
+    let mut one_replica = node_args(&nats, "d");
+    one_replica.extend(["--nats-replicas".to_string(), "1".to_string()]);
+    let one_replica: Vec<&str> = one_replica.iter().map(String::as_str).collect();
+    let refused = Server::launch(&foreign.join("d"), &one_replica, &[])
+        .err()
+        .expect("refused to start");
+    assert!(
+        refused.contains("exists with other settings (3 replicas)"),
+        "{refused}"
+    );
+
+    // A request larger than a NATS message: 413, and nothing appended.
+    let big: Vec<Value> = (0..600)
+        .map(|i| json!({"type": "cluster.big", "data": {"i": i, "pad": "x".repeat(2000)}}))
+        .collect();
+    let (status, body) = post(&b, &json!({ "events": big }), None);
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["code"], "payload_too_large", "{body}");
+    assert_eq!(head_seq(&b), acked);
+
+    // Total NATS outage: 503 with Retry-After, never 201; reads keep working.
     for i in 0..nats.len() {
         nats.pause(i);
     }
-    let (status, body) = post(&b, &batch("outage", 1), Some("outage-key"));
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["code"], "unavailable");
+    let outage = b
+        .http()
+        .post(b.url("/v1/events"))
+        .bearer_auth(&b.token)
+        .header("Content-Type", "application/json")
+        .header("Idempotency-Key", "outage-key")
+        .body(batch("outage", 1).to_string())
+        .send()
+        .expect("POST during the outage");
+    assert_eq!(outage.status().as_u16(), 503);
+    assert!(outage.headers().contains_key("retry-after"));
+    let body: Value = outage.json().expect("error body");
+    assert_eq!(body["code"], "unavailable", "{body}");
     let (status, _) = b.get("/v1/events");
     assert_eq!(status, 200);
+    // Tokens are shared state: not created where the cluster cannot hear of it.
+    let (status, body) = b.post(
+        "/v1/tokens",
+        "application/json",
+        json!({"role": "read", "name": "during-outage"}).to_string(),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
     // `/healthz` says so (503 `unavailable`) while the node keeps serving what it has.
     wait_until(
         Duration::from_secs(10),
