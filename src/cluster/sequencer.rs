@@ -149,7 +149,8 @@ impl Sequencer {
             }
             // Seal only on a head the store has applied: the stream's last message.
             if !self.wait_applied(last, TAKE_OVER_WAIT, lost).await {
-                self.reply_all(&batch, &WireReply::Retry).await;
+                self.answer_retry(batch.iter().filter_map(|m| m.reply.clone()).collect())
+                    .await;
                 return StepDown::Failed(format!(
                     "this node has not applied stream message {last}"
                 ));
@@ -221,7 +222,12 @@ impl Sequencer {
                         .publish_parts(parts, answers, last, message_limit, lost)
                         .await
                     {
-                        self.retry_rest(reply, outcomes).await;
+                        self.answer_retry(
+                            std::iter::once(reply)
+                                .chain(outcomes.map(|(to, _)| to))
+                                .collect(),
+                        )
+                        .await;
                         return Err(why);
                     }
                 }
@@ -245,11 +251,13 @@ impl Sequencer {
                     // The rest was sealed after events that were not published: none of
                     // it may be. Nothing of it was appended; the forwarders retry it.
                     Ok(false) => {
-                        self.retry_rest_all(outcomes).await;
+                        self.answer_retry(outcomes.map(|(to, _)| to).collect())
+                            .await;
                         return Ok(());
                     }
                     Err(why) => {
-                        self.retry_rest_all(outcomes).await;
+                        self.answer_retry(outcomes.map(|(to, _)| to).collect())
+                            .await;
                         return Err(why);
                     }
                 }
@@ -416,33 +424,11 @@ impl Sequencer {
         }
     }
 
-    /// Answers "nothing appended, retry" to a request not yet placed and to the rest.
-    async fn retry_rest(
-        &self,
-        current: async_nats::Subject,
-        rest: impl Iterator<Item = (async_nats::Subject, Result<Appended, AppendError>)>,
-    ) {
-        let _ = self
-            .client
-            .publish(current, WireReply::Retry.encode())
-            .await;
-        self.retry_rest_all(rest).await;
-    }
-
-    async fn retry_rest_all(
-        &self,
-        rest: impl Iterator<Item = (async_nats::Subject, Result<Appended, AppendError>)>,
-    ) {
-        for (to, _) in rest {
+    /// Answers "nothing appended, retry" to each of `requests`: the forwarders send
+    /// them again, to whichever node then holds the lease.
+    async fn answer_retry(&self, requests: Vec<async_nats::Subject>) {
+        for to in requests {
             let _ = self.client.publish(to, WireReply::Retry.encode()).await;
-        }
-    }
-
-    async fn reply_all(&self, batch: &[async_nats::Message], reply: &WireReply) {
-        for message in batch {
-            if let Some(to) = &message.reply {
-                let _ = self.client.publish(to.clone(), reply.encode()).await;
-            }
         }
     }
 }
