@@ -193,6 +193,18 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
         .filter(|n| n.get("/healthz").1["cluster"]["role"] == "sequencer")
         .count();
     assert_eq!(sequencers, 1);
+    // `/metrics` says the same (its gauges are refreshed with the head, every second).
+    wait_until(Duration::from_secs(5), "the cluster gauges", || {
+        let nodes = [&a, &b, &c, &d];
+        nodes
+            .iter()
+            .all(|n| n.metric("cairn_cluster_applied_seq") == total as f64)
+            && nodes
+                .iter()
+                .map(|n| n.metric("cairn_cluster_sequencer"))
+                .sum::<f64>()
+                == 1.0
+    });
 
     // A stream resumed on a node whose copy is behind the cursor waits for it (SPEC §6).
     let behind = signal_guard(&c);
