@@ -148,12 +148,12 @@ impl Cluster {
         format!("Bearer {}", self.token)
     }
 
-    fn cpu_secs(&self) -> f64 {
+    fn node_cpu_secs(&self) -> Vec<f64> {
         self.nodes
             .iter()
             .flatten()
             .map(|n| support::cpu_secs(n.pid()))
-            .sum()
+            .collect()
     }
 
     /// The running node that holds the sequencer lease now, from its log: the last
@@ -204,6 +204,33 @@ fn head_seq(addr: &str, token: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds of every nats-server this process started (its children by that name).
+fn nats_cpu_secs() -> f64 {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            stat.contains("(nats-server)") && ppid == Some(me.as_str())
+        })
+        .map(support::cpu_secs)
+        .sum()
+}
+
+/// How many messages the log stream holds.
+async fn stream_messages(nats: &NatsCluster) -> u64 {
+    let js = async_nats::jetstream::new(nats_client(nats).await);
+    let mut s = js.get_stream(STREAM).await.expect("stream");
+    s.info().await.expect("stream info").state.messages
+}
+
 /// A NATS client connected to every server of `nats`.
 async fn nats_client(nats: &NatsCluster) -> async_nats::Client {
     let addrs: Vec<async_nats::ServerAddr> = nats
@@ -232,6 +259,10 @@ fn report(name: &str, rate: f64, lat: &[u64], cpu_us_per_event: f64) {
 fn w1(rt: &tokio::runtime::Runtime) {
     let total = env_u64("CAIRN_BENCH_W1_EVENTS", 200_000);
     let pairs = env_u64("CAIRN_BENCH_PAIRS", 3);
+    // Knobs for finding where the time goes: connections, and the cluster nodes' flags.
+    let conns = env_u64("CAIRN_BENCH_W1_CONNS", 4) as usize;
+    let node_args = std::env::var("CAIRN_BENCH_NODE_ARGS").unwrap_or_default();
+    let node_args: Vec<&str> = node_args.split_whitespace().collect();
     let mut ratios = Vec::new();
     for pair in 1..=pairs {
         let mut rates = [0.0; 2];
@@ -243,20 +274,45 @@ fn w1(rt: &tokio::runtime::Runtime) {
                 let s = Node::start(&[]);
                 let cpu0 = support::cpu_secs(s.pid());
                 let auth = format!("Bearer {}", s.token);
-                rt.block_on(ingest(&[s.addr.clone()], &auth, 4, 100, WARMUP));
-                let (rate, lat) = rt.block_on(ingest(&[s.addr.clone()], &auth, 4, 100, total));
+                rt.block_on(ingest(&[s.addr.clone()], &auth, conns, 100, WARMUP));
+                let (rate, lat) = rt.block_on(ingest(&[s.addr.clone()], &auth, conns, 100, total));
                 let cpu = support::cpu_secs(s.pid()) - cpu0;
                 let name = format!("W1 single node, pair {pair}");
                 report(&name, rate, &lat, cpu * 1e6 / total as f64);
                 rates[0] = rate;
             } else {
-                let c = Cluster::start(3, &[]);
-                rt.block_on(ingest(&c.addrs(), &c.auth(), 4, 100, WARMUP));
-                let cpu0 = c.cpu_secs();
-                let (rate, lat) = rt.block_on(ingest(&c.addrs(), &c.auth(), 4, 100, total));
-                let cpu = c.cpu_secs() - cpu0;
+                let c = Cluster::start(3, &node_args);
+                rt.block_on(ingest(&c.addrs(), &c.auth(), conns, 100, WARMUP));
+                let (cpu0, nats0) = (c.node_cpu_secs(), nats_cpu_secs());
+                let (rate, lat) = rt.block_on(ingest(&c.addrs(), &c.auth(), conns, 100, total));
+                let cpu: Vec<f64> = c
+                    .node_cpu_secs()
+                    .iter()
+                    .zip(&cpu0)
+                    .map(|(b, a)| b - a)
+                    .collect();
+                let nats = nats_cpu_secs() - nats0;
                 let name = format!("W1 cluster, 3 nodes (3 NATS, R3), pair {pair}");
-                report(&name, rate, &lat, cpu * 1e6 / total as f64);
+                report(
+                    &name,
+                    rate,
+                    &lat,
+                    cpu.iter().sum::<f64>() * 1e6 / total as f64,
+                );
+                println!(
+                    "    CPU us/event: per node {} (sequencer: {:?}); the three nats-servers {:.2}",
+                    cpu.iter()
+                        .map(|c| format!("{:.2}", c * 1e6 / total as f64))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    c.sequencer().map(|i| &c.names[i]),
+                    nats * 1e6 / total as f64
+                );
+                let messages = rt.block_on(stream_messages(&c.nats));
+                println!(
+                    "    stream: {messages} messages, {:.0} events per message",
+                    (total + WARMUP) as f64 / messages.max(1) as f64
+                );
                 rates[1] = rate;
             }
         }
@@ -377,11 +433,7 @@ fn catchup(rt: &tokio::runtime::Runtime) {
         "catch-up: loaded {total} events through one node in {:.1} s ({rate:.0} events/s)",
         load.elapsed().as_secs_f64()
     );
-    let messages = rt.block_on(async {
-        let js = async_nats::jetstream::new(nats_client(&c.nats).await);
-        let mut s = js.get_stream(STREAM).await.expect("stream");
-        s.info().await.expect("info").state.messages
-    });
+    let messages = rt.block_on(stream_messages(&c.nats));
     for sync in ["fsync", "none"] {
         // Spawned here, not through `Node::start_on`: a node that is catching up may not
         // answer /healthz with 200 before it has caught up.
