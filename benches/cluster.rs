@@ -652,6 +652,45 @@ fn wait_resumed(load: &Load, killed: Instant, skip: Option<usize>) -> Option<Dur
     }
 }
 
+/// Per node, seconds from the kill to its first 201 ("-": none, or not running).
+fn per_node(load: &Load, killed: Instant, c: &Cluster) -> String {
+    load.resumed_after(killed)
+        .iter()
+        .zip(&c.names)
+        .map(|(t, n)| {
+            format!(
+                "{n} {}",
+                t.map_or("-".into(), |t| format!("{:.2}", t.as_secs_f64()))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A slow round: what each node logged since `marks` (log lengths before the kill).
+fn print_logs_since(c: &Cluster, marks: &[usize]) {
+    for ((n, name), mark) in c.nodes.iter().zip(&c.names).zip(marks) {
+        let Some(n) = n else { continue };
+        let log = n.log_text();
+        let new = log.get(*mark..).unwrap_or("");
+        let lines: Vec<&str> = new.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+        println!(
+            "    log of {name} since the kill ({} lines, last 15):",
+            lines.len()
+        );
+        for l in lines.iter().rev().take(15).rev() {
+            println!("      {}", l.chars().take(300).collect::<String>());
+        }
+    }
+}
+
+fn log_marks(c: &Cluster) -> Vec<usize> {
+    c.nodes
+        .iter()
+        .map(|n| n.as_ref().map_or(0, |n| n.log_text().len()))
+        .collect()
+}
+
 /// The stream's leader and whether every replica is current.
 async fn stream_state(client: &async_nats::Client) -> Option<(String, bool)> {
     let js = async_nats::jetstream::new(client.clone());
@@ -680,22 +719,27 @@ fn failover(rt: &tokio::runtime::Runtime) {
             .strip_prefix('n')
             .and_then(|n| n.parse().ok())
             .expect("server name n<i>");
+        let marks = log_marks(&c);
         c.nats.kill(i);
         let killed = Instant::now();
         let resumed = wait_resumed(&load, killed, None);
         let failures = load.failures();
+        let nodes = per_node(&load, killed, &c);
         let acked = load.stop(rt);
         match resumed {
             Some(t) => times.push(t.as_secs_f64()),
             None => times.push(f64::INFINITY),
         }
         println!(
-            "failover, NATS stream leader ({leader}) kill -9, round {round}: ingest acknowledged on every node {} after the kill; probe failures by status {failures:?}; {acked} events acknowledged in the round",
+            "failover, NATS stream leader ({leader}) kill -9, round {round}: ingest acknowledged on every node {} after the kill (per node: {nodes}); probe failures by status {failures:?}; {acked} events acknowledged in the round",
             resumed.map_or("NOT within 60 s".to_string(), |t| format!(
                 "{:.2} s",
                 t.as_secs_f64()
             ))
         );
+        if resumed.is_none_or(|t| t > Duration::from_secs(10)) {
+            print_logs_since(&c, &marks);
+        }
         c.nats.restart(i);
         // The restarted server catches up before the next round kills a leader.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -720,20 +764,25 @@ fn failover(rt: &tokio::runtime::Runtime) {
         let load = Load::start(rt, &c.addrs(), &c.auth());
         wait_resumed(&load, Instant::now(), None).expect("ingest runs before the kill");
         let seq = c.sequencer().expect("a sequencer");
+        let marks = log_marks(&c);
         c.kill(seq);
         let killed = Instant::now();
         let resumed = wait_resumed(&load, killed, Some(seq));
         let failures = load.failures();
+        let nodes = per_node(&load, killed, &c);
         let acked = load.stop(rt);
         times.push(resumed.map_or(f64::INFINITY, |t| t.as_secs_f64()));
         println!(
-            "failover, sequencer node {} kill -9, round {round}: ingest acknowledged on both other nodes {} after the kill; probe failures by status {failures:?} (those of the killed node included); {acked} events acknowledged in the round",
+            "failover, sequencer node {} kill -9, round {round}: ingest acknowledged on both other nodes {} after the kill (per node: {nodes}); probe failures by status {failures:?} (those of the killed node included); {acked} events acknowledged in the round",
             c.names[seq],
             resumed.map_or("NOT within 60 s".to_string(), |t| format!(
                 "{:.2} s",
                 t.as_secs_f64()
             ))
         );
+        if resumed.is_none_or(|t| t > Duration::from_secs(10)) {
+            print_logs_since(&c, &marks);
+        }
         c.restart(seq);
         let live = (0..c.nodes.len())
             .find(|&i| i != seq)
