@@ -422,6 +422,229 @@ async fn nats_alone(nats: &NatsCluster, total: u64, per_batch: u64, run: u64) ->
 }
 
 // ---------------------------------------------------------------------------------------
+// W4
+
+/// Digits after `"sent_ns":` in an event line.
+fn sent_ns(line: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(line, b"\"sent_ns\":")? + 10;
+    let digits = &line[at..];
+    let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
+}
+
+/// One live SSE subscriber: sends on `ready` once connected, then counts events (with
+/// their latency from `data.sent_ns`) until `expected` arrived or `stop` fires.
+async fn sse_subscriber(
+    addr: String,
+    auth: String,
+    base: Instant,
+    expected: u64,
+    ready: tokio::sync::mpsc::UnboundedSender<()>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (u64, Vec<u32>, Option<String>) {
+    use http_body_util::BodyExt;
+    let mut lat = Vec::with_capacity(expected as usize);
+    let mut received = 0u64;
+    let run = async {
+        let mut send = support::connect(&addr).await;
+        let req = hyper::Request::get("/v1/events/stream")
+            .header("host", &addr)
+            .header("authorization", &auth)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!("status {}", resp.status()));
+        }
+        let mut body = resp.into_body();
+        let mut carry: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Some(chunk) = frame.data_ref() else {
+                continue;
+            };
+            let now = base.elapsed().as_nanos() as u64;
+            carry.extend_from_slice(chunk);
+            let end = carry.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            for line in carry[..end].split(|&b| b == b'\n') {
+                if line == b"event: connected" || line == b"event:connected" {
+                    let _ = ready.send(());
+                } else if line.starts_with(b"data:")
+                    && let Some(sent) = sent_ns(line)
+                {
+                    received += 1;
+                    lat.push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
+                }
+            }
+            carry.drain(..end);
+            if received >= expected {
+                break;
+            }
+        }
+        Ok(())
+    };
+    let error = tokio::select! {
+        r = run => r.err(),
+        () = stop.cancelled() => None,
+    };
+    (received, lat, error)
+}
+
+/// 100 SSE subscribers spread over three nodes; one producer posts 2,000 events/s for
+/// 10 s (one event per request, paced 500 µs apart and not waiting for each answer:
+/// `PRODUCER_CONNS` keep-alive connections spread over the nodes).
+fn w4(rt: &tokio::runtime::Runtime) {
+    const SUBS: usize = 100;
+    const RATE: u64 = 2_000;
+    const SECS: u64 = 10;
+    const PRODUCER_CONNS: usize = 48;
+    let events = RATE * SECS;
+    let c = Cluster::start(3, &[]);
+    let addrs = c.addrs();
+    let auth = c.auth();
+    let base = Instant::now();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    let subs: Vec<_> = (0..SUBS)
+        .map(|i| {
+            rt.spawn(sse_subscriber(
+                addrs[i % addrs.len()].clone(),
+                auth.clone(),
+                base,
+                events,
+                ready_tx.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    drop(ready_tx);
+    let ready = rt.block_on(async {
+        let mut n = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while n < SUBS {
+            match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
+                Ok(Some(())) => n += 1,
+                _ => break,
+            }
+        }
+        n
+    });
+
+    let (release_tx, release_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let released = Arc::new(tokio::sync::Mutex::new(release_rx));
+    let start = Instant::now() + Duration::from_millis(20);
+    let interval = Duration::from_nanos(1_000_000_000 / RATE);
+    let pacer = std::thread::spawn(move || {
+        for i in 0..events {
+            let at = start + interval * i as u32;
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if release_tx.send(i).is_err() {
+                break;
+            }
+        }
+    });
+    let cpu0 = c.node_cpu_secs().iter().sum::<f64>();
+    let producers: Vec<_> = (0..PRODUCER_CONNS)
+        .map(|j| {
+            let (addr, auth, released) = (
+                addrs[j % addrs.len()].clone(),
+                auth.clone(),
+                released.clone(),
+            );
+            rt.spawn(async move {
+                use http_body_util::BodyExt;
+                let mut send = support::connect(&addr).await;
+                let (mut acked, mut failed, mut last_ack) = (0u64, 0u64, Duration::ZERO);
+                let mut ack_us = Vec::new();
+                loop {
+                    let next = released.lock().await.recv().await;
+                    let Some(i) = next else { break };
+                    let sent = base.elapsed();
+                    let e = support::event(i, support::TS);
+                    let body = e.replacen(
+                        "\"data\":{",
+                        &format!("\"data\":{{\"sent_ns\":{},", sent.as_nanos()),
+                        1,
+                    );
+                    let req = hyper::Request::post("/v1/events")
+                        .header("host", &addr)
+                        .header("authorization", &auth)
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(Bytes::from(body)))
+                        .expect("request");
+                    let ok = match send.send_request(req).await {
+                        Ok(r) => {
+                            let status = r.status();
+                            r.into_body().collect().await.is_ok() && status == 201
+                        }
+                        Err(_) => false,
+                    };
+                    if ok {
+                        acked += 1;
+                        last_ack = base.elapsed();
+                        ack_us.push((last_ack - sent).as_micros() as u64);
+                    } else {
+                        failed += 1;
+                        send = support::connect(&addr).await;
+                    }
+                }
+                (acked, failed, last_ack, ack_us)
+            })
+        })
+        .collect();
+    let (mut acked, mut failed, mut last_ack, mut ack_us) = (0, 0, Duration::ZERO, Vec::new());
+    for p in producers {
+        if let Ok((a, f, l, us)) = rt.block_on(p) {
+            acked += a;
+            failed += f;
+            last_ack = last_ack.max(l);
+            ack_us.extend(us);
+        }
+    }
+    let _ = pacer.join();
+    let produce_secs = (last_ack - (start - base)).as_secs_f64();
+    // Let the subscribers drain, for at most 10 s more.
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while subs.iter().any(|s| !s.is_finished()) && Instant::now() < drain_deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.cancel();
+    let cpu = c.node_cpu_secs().iter().sum::<f64>() - cpu0;
+    let (mut delivered, mut lat, mut errors) = (0u64, Vec::new(), Vec::new());
+    for s in subs {
+        if let Ok((n, l, e)) = rt.block_on(s) {
+            delivered += n;
+            lat.extend(l);
+            errors.extend(e);
+        }
+    }
+    lat.sort_unstable();
+    ack_us.sort_unstable();
+    let lat: Vec<u64> = lat.into_iter().map(u64::from).collect();
+    let expected = SUBS as u64 * acked;
+    println!(
+        "W4 cluster, {SUBS} SSE subscribers over 3 nodes ({ready} connected), {RATE} events/s for {SECS} s: delivered {delivered} / {expected} = {:.3}% of the acknowledged events [target 100%: {}]; e2e p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+        delivered as f64 * 100.0 / expected.max(1) as f64,
+        mark(delivered == expected && acked == events),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        pct(&lat, 1.0),
+    );
+    println!(
+        "    producer: {acked} of {events} acknowledged ({failed} failed) at {:.0}/s; ack p50 {:.2} ms p99 {:.2} ms; subscriber errors {} {:?}; cairn CPU {:.1} s",
+        acked as f64 / produce_secs.max(1e-9),
+        pct(&ack_us, 0.5),
+        pct(&ack_us, 0.99),
+        errors.len(),
+        errors.first(),
+        cpu
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // Catch-up
 
 fn catchup(rt: &tokio::runtime::Runtime) {
@@ -815,6 +1038,9 @@ fn main() {
     );
     if wanted("w1") {
         w1(&rt);
+    }
+    if wanted("w4") {
+        w4(&rt);
     }
     if wanted("catchup") {
         catchup(&rt);
