@@ -2,11 +2,16 @@
 //! loopback port with a temporary data directory.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 
 pub const EVENT_SIZE: usize = 300;
 pub const TS: &str = "2026-03-19T10:00:00.000Z";
@@ -116,18 +121,7 @@ impl Server {
 
     /// CPU seconds (user + system) the server has used so far.
     pub fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // After the command name (in parentheses): utime is the 12th field, stime the 13th.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (ticks(11) + ticks(12)) / 100.0
+        proc_cpu_secs(self.child.id())
     }
 
     /// A numeric line of /proc/<pid>/status (`VmRSS` in kB, `Threads`).
@@ -149,6 +143,21 @@ impl Drop for Server {
     }
 }
 
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn proc_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (in parentheses): utime is the 12th field, stime the 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -167,4 +176,87 @@ pub async fn connect(
         .expect("handshake");
     tokio::spawn(conn);
     send
+}
+
+/// `conns` connections each send `per_conn` requests of `batch` events, one at a time.
+/// Returns (events/s, sorted request latencies in µs).
+pub async fn ingest(server: &Server, conns: usize, batch: u64, total: u64) -> (f64, Vec<u64>) {
+    let per_conn = total / batch / conns as u64;
+    // A few distinct bodies, built before the clock starts: the client's CPU is the
+    // server's CPU on a 2-core machine.
+    let bodies: Arc<Vec<Bytes>> = Arc::new((0..8).map(|i| batch_body(i * batch, batch)).collect());
+    let acked = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (addr, auth, bodies, acked) = (
+            server.addr.clone(),
+            server.auth(),
+            bodies.clone(),
+            acked.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut send = connect(&addr).await;
+            let mut lat = Vec::with_capacity(per_conn as usize);
+            for i in 0..per_conn {
+                let body = bodies[(c + i as usize) % bodies.len()].clone();
+                let req = hyper::Request::post("/v1/events")
+                    .header("host", &addr)
+                    .header("authorization", &auth)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .expect("request");
+                let t = Instant::now();
+                let resp = send.send_request(req).await.expect("send");
+                let status = resp.status();
+                let _ = resp.into_body().collect().await.expect("body");
+                assert_eq!(status, 201, "ingest failed");
+                lat.push(t.elapsed().as_micros() as u64);
+                acked.fetch_add(batch, Ordering::Relaxed);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    (acked.load(Ordering::Relaxed) as f64 / secs, lat)
+}
+
+pub fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+pub fn report(name: &str, rate: f64, lat: &[u64], server_cpu_us_per_event: f64) {
+    println!(
+        "{name:<44} {:>8.0} events/s  request p50 {:>5.2} ms  p99 {:>5.2} ms  max {:>6.2} ms  server CPU {:>5.2} us/event",
+        rate,
+        pct(lat, 0.5),
+        pct(lat, 0.99),
+        pct(lat, 1.0),
+        server_cpu_us_per_event
+    );
+}
+
+/// Runs `ingest` and reports it with the server's CPU cost per event; returns events/s.
+pub fn measure(
+    rt: &tokio::runtime::Runtime,
+    s: &Server,
+    name: &str,
+    conns: usize,
+    batch: u64,
+    total: u64,
+) -> f64 {
+    let cpu0 = s.cpu_secs();
+    let (rate, lat) = rt.block_on(ingest(s, conns, batch, total));
+    let cpu = s.cpu_secs() - cpu0;
+    report(name, rate, &lat, cpu * 1e6 / total as f64);
+    rate
 }
