@@ -124,6 +124,17 @@ impl Server {
         proc_cpu_secs(self.child.id())
     }
 
+    /// fsyncs (group commits made durable) so far, from `/metrics`.
+    pub fn fsyncs(&self) -> u64 {
+        reqwest::blocking::get(format!("http://{}/metrics", self.addr))
+            .and_then(|r| r.text())
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("cairn_fsync_duration_seconds_count"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// A numeric line of /proc/<pid>/status (`VmRSS` in kB, `Threads`).
     pub fn status(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -254,9 +265,16 @@ pub fn measure(
     batch: u64,
     total: u64,
 ) -> f64 {
-    let cpu0 = s.cpu_secs();
+    let (cpu0, syncs0) = (s.cpu_secs(), s.fsyncs());
     let (rate, lat) = rt.block_on(ingest(s, conns, batch, total));
-    let cpu = s.cpu_secs() - cpu0;
+    let (cpu, syncs) = (s.cpu_secs() - cpu0, s.fsyncs() - syncs0);
     report(name, rate, &lat, cpu * 1e6 / total as f64);
+    if syncs > 0 {
+        println!(
+            "    {syncs} fsyncs: {:.1} events, {:.1} requests per fsync",
+            total as f64 / syncs as f64,
+            (total / batch) as f64 / syncs as f64
+        );
+    }
     rate
 }
