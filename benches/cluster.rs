@@ -274,8 +274,20 @@ fn w1(rt: &tokio::runtime::Runtime) {
                 let s = Node::start(&[]);
                 let cpu0 = support::cpu_secs(s.pid());
                 let auth = format!("Bearer {}", s.token);
-                rt.block_on(ingest(&[s.addr.clone()], &auth, conns, 100, WARMUP));
-                let (rate, lat) = rt.block_on(ingest(&[s.addr.clone()], &auth, conns, 100, total));
+                rt.block_on(ingest(
+                    std::slice::from_ref(&s.addr),
+                    &auth,
+                    conns,
+                    100,
+                    WARMUP,
+                ));
+                let (rate, lat) = rt.block_on(ingest(
+                    std::slice::from_ref(&s.addr),
+                    &auth,
+                    conns,
+                    100,
+                    total,
+                ));
                 let cpu = support::cpu_secs(s.pid()) - cpu0;
                 let name = format!("W1 single node, pair {pair}");
                 report(&name, rate, &lat, cpu * 1e6 / total as f64);
@@ -717,14 +729,17 @@ fn catchup(rt: &tokio::runtime::Runtime) {
 // ---------------------------------------------------------------------------------------
 // Failover
 
+/// One node's probes: (sent, answered, status), as offsets from [`Load`]'s `base`.
+type Probes = Arc<std::sync::Mutex<Vec<(Duration, Duration, u16)>>>;
+
 /// Ingest on every node while a round runs: a loader per node posting 100-event batches
 /// back to back, and a probe per node posting one event every 100 ms, each probe on its
 /// own request so a stalled one does not delay the next.
 struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
-    /// Per node: (sent, answered, status) of each probe, as offsets from `base`.
-    probes: Vec<Arc<std::sync::Mutex<Vec<(Duration, Duration, u16)>>>>,
+    /// Per node.
+    probes: Vec<Probes>,
     base: Instant,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }

@@ -12,7 +12,7 @@ mod support;
 
 use std::path::Path;
 
-use support::{Server, ingest, pct};
+use support::{Server, measure};
 
 fn dir_bytes(path: &Path) -> u64 {
     let mut total = 0;
@@ -26,33 +26,6 @@ fn dir_bytes(path: &Path) -> u64 {
         }
     }
     total
-}
-
-fn report(name: &str, rate: f64, lat: &[u64], server_cpu_us_per_event: f64) {
-    println!(
-        "{name:<44} {:>8.0} events/s  request p50 {:>5.2} ms  p99 {:>5.2} ms  max {:>6.2} ms  server CPU {:>5.2} us/event",
-        rate,
-        pct(lat, 0.5),
-        pct(lat, 0.99),
-        pct(lat, 1.0),
-        server_cpu_us_per_event
-    );
-}
-
-/// Runs `ingest` and reports it with the server's CPU cost per event; returns events/s.
-fn measure(
-    rt: &tokio::runtime::Runtime,
-    s: &Server,
-    name: &str,
-    conns: usize,
-    batch: u64,
-    total: u64,
-) -> f64 {
-    let cpu0 = s.cpu_secs();
-    let (rate, lat) = rt.block_on(ingest(&[s.addr.clone()], &s.auth(), conns, batch, total));
-    let cpu = s.cpu_secs() - cpu0;
-    report(name, rate, &lat, cpu * 1e6 / total as f64);
-    rate
 }
 
 fn main() {

@@ -6,8 +6,12 @@
 //! server's resident memory per idle stream.
 //!
 //! `cargo bench --bench stream` runs all; `cargo bench --bench stream -- w4` runs one
-//! (names: w3, w4-sse, w4-ws, w4-mixed, fanout1000, idle-sse, idle-ws; `w4` runs the
-//! three W4s, `idle` both idle runs).
+//! (names: w3, w4-sse, w4-ws, w4-mixed, fanout1000, idle-sse, idle-ws, vs-redis; `w4`
+//! runs the three W4s, `idle` both idle runs).
+//!
+//! `vs-redis` (when `redis-server` is on the PATH) runs W1, W2 and W4 against Redis
+//! Streams on the same machine, cairn and Redis alternating, `CAIRN_BENCH_PAIRS` pairs
+//! (default 3), and prints each pair's ratio and the median.
 //!
 //! The client is lean on purpose (client and server share the machine's cores): hyper's
 //! `client::conn::http1` with one connection per task and no pool, and a `memchr` SSE
@@ -854,7 +858,8 @@ struct Fanout {
     producer_conns: usize,
 }
 
-async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
+/// Runs a fan-out and prints it; returns (e2e p99 in ms, whether it was complete).
+async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) -> (f64, bool) {
     let events = cfg.rate * cfg.secs;
     let interval_ns = 1_000_000_000 / cfg.rate;
     let base = Instant::now();
@@ -1046,6 +1051,7 @@ async fn fanout(server: &Server, cfg: &Fanout, name: &str, p99_target_ms: f64) {
             pct_ms(lat, 0.999)
         );
     }
+    (p99, complete)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1228,6 +1234,311 @@ async fn idle(server: &Server, transport: Transport, total: usize) {
     );
 }
 
+// ---------------------------------------------------------------------------------------
+// vs-redis: W1, W2 and W4 against Redis Streams, alternating, pair by pair
+
+/// W4 against Redis (`appendfsync everysec`, as the peers' harness): `subs` connections
+/// each loop on `XREAD COUNT 10000 BLOCK 2000 STREAMS events <last id>`; a producer thread
+/// paces `XADD`s of the same timed events as cairn's W4 on one pipelined connection, and a
+/// second thread counts the replies. Latency is the subscriber's receipt of the reply minus
+/// `data.sent_ns`. Returns (e2e p99 in ms, whether it was complete).
+async fn redis_fanout(port: u16, cfg: &Fanout, name: &str) -> (f64, bool) {
+    use support::redis::{Resp, command};
+    let events = cfg.rate * cfg.secs;
+    let interval_ns = 1_000_000_000 / cfg.rate;
+    let base = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(cfg.secs * 2 + 60);
+    let mut subs = Vec::new();
+    for _ in 0..cfg.subs {
+        let mut con = match Resp::connect(port).await {
+            Ok(c) => c,
+            Err(e) => {
+                println!("{name}: subscriber: {e}");
+                return (f64::NAN, false);
+            }
+        };
+        subs.push(tokio::spawn(async move {
+            let mut r = SubResult {
+                lat_us: Vec::with_capacity(events as usize),
+                ordered: true,
+                ..SubResult::default()
+            };
+            let (sent_ns, seq) = (
+                memmem::Finder::new(b"\"sent_ns\":"),
+                memmem::Finder::new(b"\"seq\":"),
+            );
+            let mut last_id = b"0-0".to_vec();
+            let mut next_seq = 0u64;
+            while r.received < events && Instant::now() < deadline {
+                let sent = con
+                    .send(&[
+                        b"XREAD", b"COUNT", b"10000", b"BLOCK", b"2000", b"STREAMS", b"events",
+                        &last_id,
+                    ])
+                    .await;
+                let mut now_ns = 0;
+                let read = match sent {
+                    Ok(()) => {
+                        con.reply(|i, b| {
+                            // Leaves: the key, then id, field name, value per entry.
+                            if i == 0 {
+                                now_ns = base.elapsed().as_nanos() as u64;
+                            } else if (i - 1) % 3 == 0 {
+                                last_id.clear();
+                                last_id.extend_from_slice(b);
+                            } else if (i - 1) % 3 == 2 {
+                                r.received += 1;
+                                if num_after(&seq, b) != Some(next_seq) {
+                                    r.ordered = false;
+                                }
+                                next_seq += 1;
+                                match num_after(&sent_ns, b) {
+                                    Some(t) => r.lat_us.push(
+                                        (now_ns.saturating_sub(t) / 1000).min(u64::from(u32::MAX))
+                                            as u32,
+                                    ),
+                                    None => r.no_sent_ns += 1,
+                                }
+                            }
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = read {
+                    r.error = Some(e);
+                    break;
+                }
+            }
+            r
+        }));
+    }
+    // Every subscriber parked in XREAD BLOCK before the producer starts.
+    let mut admin = match Resp::connect(port).await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{name}: {e}");
+            return (f64::NAN, false);
+        }
+    };
+    let parked_deadline = Instant::now() + Duration::from_secs(30);
+    let mut blocked = 0;
+    while Instant::now() < parked_deadline {
+        blocked = admin
+            .info_number("clients", "blocked_clients")
+            .await
+            .unwrap_or(0);
+        if blocked >= cfg.subs as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu_c = own_cpu_secs();
+    let producer = std::thread::spawn(move || -> Result<(u64, f64), String> {
+        use std::io::{BufRead, Write};
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let rd = s.try_clone().map_err(|e| e.to_string())?;
+        let reader = std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(rd);
+            let (mut ok, mut line) = (0u64, String::new());
+            while ok < events {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line.starts_with('-') {
+                    break;
+                }
+                if line.starts_with('$') {
+                    ok += 1;
+                    line.clear();
+                    let _ = r.read_line(&mut line);
+                }
+            }
+            ok
+        });
+        let mut w = s;
+        let start = Instant::now();
+        let mut buf = Vec::with_capacity(512);
+        for i in 0..events {
+            let at = start + Duration::from_nanos(i * interval_ns);
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            buf.clear();
+            let e = timed_event(i, base.elapsed().as_nanos() as u64);
+            command(&mut buf, &[b"XADD", b"events", b"*", b"e", &e]);
+            w.write_all(&buf).map_err(|e| e.to_string())?;
+        }
+        let acked = reader.join().map_err(|_| "reader panicked".to_string())?;
+        Ok((acked, start.elapsed().as_secs_f64()))
+    });
+    let (acked, produce_secs) = match tokio::task::spawn_blocking(move || producer.join()).await {
+        Ok(Ok(Ok(r))) => r,
+        other => {
+            println!("{name}: producer failed: {:?}", other.map(|r| r.ok()));
+            (0, 0.0)
+        }
+    };
+    let mut lat: Vec<u32> = Vec::with_capacity(cfg.subs * events as usize);
+    let (mut delivered, mut unordered, mut no_sent_ns, mut errors) = (0u64, 0, 0u64, 0);
+    let mut first_error = None;
+    for sub in subs {
+        let Ok(r) = sub.await else {
+            errors += 1;
+            continue;
+        };
+        delivered += r.received;
+        unordered += usize::from(!r.ordered);
+        no_sent_ns += r.no_sent_ns;
+        if let Some(e) = r.error {
+            errors += 1;
+            first_error.get_or_insert(e);
+        }
+        lat.extend(r.lat_us);
+    }
+    let cpu_c = own_cpu_secs() - cpu_c;
+    lat.sort_unstable();
+    let expected = cfg.subs as u64 * events;
+    let p99 = pct_ms(&lat, 0.99);
+    let complete = delivered == expected
+        && acked == events
+        && unordered == 0
+        && no_sent_ns == 0
+        && errors == 0;
+    println!(
+        "{name}: delivered {delivered} / {expected} = {:.3}%  e2e p50 {:.2} ms  p99 {p99:.2} ms  p99.9 {:.2} ms  max {:.2} ms  {}",
+        delivered as f64 * 100.0 / expected as f64,
+        pct_ms(&lat, 0.5),
+        pct_ms(&lat, 0.999),
+        pct_ms(&lat, 1.0),
+        if complete { "complete" } else { "INCOMPLETE" }
+    );
+    println!(
+        "    producer: {acked} acked of {events} in {produce_secs:.2} s; subscribers parked {blocked}/{}; unordered {unordered}; without sent_ns {no_sent_ns}; errors {errors}{}; client CPU {cpu_c:.1} s",
+        cfg.subs,
+        first_error.map_or(String::new(), |e| format!(" (first: {e})")),
+    );
+    (p99, complete)
+}
+
+/// Median of a non-empty list.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `pairs` pairs of cairn and Redis runs of W1 (cairn `--sync fsync` vs `appendfsync
+/// always`), W2 (`--sync none` vs `everysec`) and W4 (SSE, `--sync none` vs `everysec`),
+/// each on a fresh server; which goes first alternates from pair to pair, so a drift of
+/// the machine's speed does not always favour the same side. Prints every run, each
+/// pair's ratio and the median ratio.
+fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize) {
+    use support::redis::{RedisServer, ingest as redis_ingest};
+    let (conns, batch, total) = (4, 100, 200_000);
+    // ratios[w][pair]: W1 and W2 cairn/Redis events/s, W4 cairn/Redis p99.
+    let mut ratios: [Vec<f64>; 3] = Default::default();
+    let mut incomplete = 0;
+    for pair in 1..=pairs {
+        let order: [bool; 2] = if pair % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for (w, (label, cairn_sync, redis_sync)) in [
+            ("W1", "fsync", "always"),
+            ("W2", "none", "everysec"),
+            ("W4", "none", "everysec"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut figures = [0.0f64; 2];
+            for is_cairn in order {
+                let slot = usize::from(!is_cairn);
+                if w < 2 {
+                    figures[slot] = if is_cairn {
+                        let s = Server::start(cairn_sync, &[]);
+                        let name = format!("pair {pair} {label} cairn --sync {cairn_sync}");
+                        support::measure(rt, &s, &name, conns, batch, total)
+                    } else {
+                        let r = RedisServer::start(redis_sync);
+                        let cpu0 = r.cpu_secs();
+                        let (rate, lat) = rt.block_on(redis_ingest(r.port, conns, batch, total));
+                        let cpu = r.cpu_secs() - cpu0;
+                        let name = format!("pair {pair} {label} Redis appendfsync {redis_sync}");
+                        support::report(&name, rate, &lat, cpu * 1e6 / total as f64);
+                        rate
+                    };
+                } else {
+                    let cfg = Fanout {
+                        transport: Transport::Sse,
+                        subs: 100,
+                        rate: 2_000,
+                        secs: 10,
+                        producer_conns: 8,
+                    };
+                    let (p99, complete) = if is_cairn {
+                        let s = Server::start(cairn_sync, &[]);
+                        let name = format!("pair {pair} W4 cairn SSE --sync {cairn_sync}");
+                        rt.block_on(fanout(&s, &cfg, &name, f64::INFINITY))
+                    } else {
+                        let r = RedisServer::start(redis_sync);
+                        let name = format!("pair {pair} W4 Redis XREAD, appendfsync {redis_sync}");
+                        rt.block_on(redis_fanout(r.port, &cfg, &name))
+                    };
+                    incomplete += usize::from(!complete);
+                    figures[slot] = p99;
+                }
+            }
+            let ratio = figures[0] / figures[1];
+            ratios[w].push(ratio);
+            println!(
+                "pair {pair} {label}: cairn/Redis = {ratio:.3} ({})",
+                if w < 2 {
+                    "events/s; above 1 is cairn faster"
+                } else {
+                    "p99; below 1 is cairn's p99 lower"
+                }
+            );
+        }
+    }
+    println!("vs-redis summary ({pairs} pairs, cairn/Redis per pair, then the median):");
+    for (w, (label, what)) in [
+        (
+            "W1",
+            "events/s, fsync vs appendfsync always [target >= 1.15]",
+        ),
+        ("W2", "events/s, --sync none vs everysec [target >= 1]"),
+        ("W4", "p99, SSE --sync none vs XREAD everysec [target <= 1]"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        println!(
+            "  {label} {what}: {}  median {:.3}",
+            ratios[w]
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            median(ratios[w].clone())
+        );
+    }
+    if incomplete > 0 {
+        println!("  {incomplete} W4 run(s) INCOMPLETE: see their lines above");
+    }
+}
+
 fn main() {
     let wanted = support::selection();
     let nofile = raise_nofile();
@@ -1275,6 +1586,17 @@ fn main() {
         let s = Server::start("none", &["--max-connections", "20000"]);
         let name = "fanout1000 --sync none, 1,000 subscribers x 1,000 events/s x 5 s";
         rt.block_on(fanout(&s, &cfg, name, 50.0));
+    }
+    if wanted("vs-redis") {
+        if support::redis::installed() {
+            let pairs = std::env::var("CAIRN_BENCH_PAIRS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3);
+            vs_redis(&rt, pairs);
+        } else {
+            println!("vs-redis: redis-server is not installed (PATH); skipped");
+        }
     }
     for (part, transport) in [
         ("idle-sse", Transport::Sse),

@@ -2,6 +2,8 @@
 //! loopback port with a temporary data directory.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -120,6 +122,17 @@ impl Server {
     /// CPU seconds (user + system) the server has used so far.
     pub fn cpu_secs(&self) -> f64 {
         cpu_secs(self.child.id())
+    }
+
+    /// fsyncs (group commits made durable) so far, from `/metrics`.
+    pub fn fsyncs(&self) -> u64 {
+        reqwest::blocking::get(format!("http://{}/metrics", self.addr))
+            .and_then(|r| r.text())
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("cairn_fsync_duration_seconds_count"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// A numeric line of /proc/<pid>/status (`VmRSS` in kB, `Threads`).
@@ -243,4 +256,44 @@ pub fn pct(sorted: &[u64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i] as f64 / 1000.0
+}
+
+pub fn report(name: &str, rate: f64, lat: &[u64], server_cpu_us_per_event: f64) {
+    println!(
+        "{name:<44} {:>8.0} events/s  request p50 {:>5.2} ms  p99 {:>5.2} ms  max {:>6.2} ms  server CPU {:>5.2} us/event",
+        rate,
+        pct(lat, 0.5),
+        pct(lat, 0.99),
+        pct(lat, 1.0),
+        server_cpu_us_per_event
+    );
+}
+
+/// Runs `ingest` and reports it with the server's CPU cost per event; returns events/s.
+pub fn measure(
+    rt: &tokio::runtime::Runtime,
+    s: &Server,
+    name: &str,
+    conns: usize,
+    batch: u64,
+    total: u64,
+) -> f64 {
+    let (cpu0, syncs0) = (s.cpu_secs(), s.fsyncs());
+    let (rate, lat) = rt.block_on(ingest(
+        std::slice::from_ref(&s.addr),
+        &s.auth(),
+        conns,
+        batch,
+        total,
+    ));
+    let (cpu, syncs) = (s.cpu_secs() - cpu0, s.fsyncs() - syncs0);
+    report(name, rate, &lat, cpu * 1e6 / total as f64);
+    if syncs > 0 {
+        println!(
+            "    {syncs} fsyncs: {:.1} events, {:.1} requests per fsync",
+            total as f64 / syncs as f64,
+            (total / batch) as f64 / syncs as f64
+        );
+    }
+    rate
 }
