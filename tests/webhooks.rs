@@ -875,7 +875,10 @@ fn skipped_by_retention_is_counted_and_survives_a_crash() {
     let flags = [FAST, &["--checkpoint-interval", "1"]].concat();
     let mut s = Server::start(&flags);
     let receiver = Receiver::start(Plan::Ok);
-    let (id, secret) = create(&s, json!({"url": receiver.url, "since": "earliest", "batch": 50}));
+    let (id, secret) = create(
+        &s,
+        json!({"url": receiver.url, "since": "earliest", "batch": 50}),
+    );
     let first = append(&s, 100, "audit", None);
     wait_until(WAIT, "the first events", || {
         receiver.acked_events().len() == 100
