@@ -3,7 +3,8 @@
 //! already in the log, `since=earliest`), and W1 ingest (fsync, 4 connections x 100
 //! events per request) with 10 active webhooks vs none, alternating runs.
 //!
-//! `cargo bench --bench webhooks` runs all; `-- delivery` or `-- ingest` runs one part.
+//! `cargo bench --bench webhooks` runs all; `-- delivery` or `-- ingest` runs one part;
+//! `CAIRN_BENCH_PAIRS=N` sets the number of with/without pairs (default 3).
 
 mod support;
 
@@ -157,8 +158,13 @@ fn main() {
     }
     if wanted("ingest") {
         let total = 200_000;
+        // Pairs alternate with and without, so drift of a shared machine hits both.
+        let pairs: usize = std::env::var("CAIRN_BENCH_PAIRS")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(3);
         let (mut with, mut without) = (Vec::new(), Vec::new());
-        for run in 1..=3 {
+        for run in 1..=pairs {
             for hooks in [0, 10] {
                 let s = Server::start("fsync", &[]);
                 let rate = rt.block_on(async {
@@ -177,11 +183,18 @@ fn main() {
             }
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let mut ratios: Vec<f64> = with.iter().zip(&without).map(|(w, o)| w / o).collect();
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "W1 with 10 webhooks / without: {:.3} ({:.0} vs {:.0} events/s, means of 3)",
+            "W1 with 10 webhooks / without: {:.3} ({:.0} vs {:.0} events/s, means of {pairs}); pair ratios {:?}, median {:.3}",
             mean(&with) / mean(&without),
             mean(&with),
-            mean(&without)
+            mean(&without),
+            ratios
+                .iter()
+                .map(|r| (r * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>(),
+            ratios[ratios.len() / 2]
         );
     }
 }

@@ -156,6 +156,18 @@ impl Subscription {
         self.last_id
     }
 
+    /// The seq of [`Subscription::cursor`] (of the event it names or the last one before
+    /// it), once known.
+    pub fn position(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Tells a new subscription the seq of its cursor, so that a prune ahead of it is
+    /// counted ([`Item::Pruned`]'s `skipped`) before it has read anything.
+    pub fn set_position(&mut self, seq: u64) {
+        self.last_seq = Some(seq);
+    }
+
     /// Replaces what the subscriber wants and where delivery continues: after `after`,
     /// replaying the log first, exactly as a new subscription would.
     pub fn reposition(&mut self, after: Ulid, selector: Arc<dyn Selector>) {

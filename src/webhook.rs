@@ -75,6 +75,55 @@ pub struct WebhookRecord {
     /// Events delivered so far (2xx received).
     pub delivered: u64,
     pub created_at: String,
+    /// The seq of `cursor` (of the event it names or the last one before it) when
+    /// known: what lets a task count exactly what retention removed before it read it,
+    /// even after a restart. `None` after an administrator moved the cursor.
+    pub position: Option<u64>,
+    /// Events passed over because retention removed them before delivery (SPEC §8),
+    /// stored in the same write that moves the cursor past them.
+    pub skipped: u64,
+    /// The last such skip, shown as `last_error` while nothing newer failed.
+    pub skip_note: Option<String>,
+}
+
+/// The record as the first webhook build stored it (before `position`, `skipped` and
+/// `skip_note`), still read so that stored webhooks survive the upgrade.
+#[derive(Deserialize)]
+struct RecordV1 {
+    id: String,
+    url: String,
+    name: Option<String>,
+    types: Option<Vec<String>>,
+    source: Option<String>,
+    batch: u32,
+    secret: String,
+    cursor: u128,
+    paused: bool,
+    pause_reason: Option<String>,
+    delivered: u64,
+    created_at: String,
+}
+
+impl From<RecordV1> for WebhookRecord {
+    fn from(v: RecordV1) -> WebhookRecord {
+        WebhookRecord {
+            id: v.id,
+            url: v.url,
+            name: v.name,
+            types: v.types,
+            source: v.source,
+            batch: v.batch,
+            secret: v.secret,
+            cursor: v.cursor,
+            paused: v.paused,
+            pause_reason: v.pause_reason,
+            delivered: v.delivered,
+            created_at: v.created_at,
+            position: None,
+            skipped: 0,
+            skip_note: None,
+        }
+    }
 }
 
 impl WebhookRecord {
@@ -97,14 +146,22 @@ fn encode(record: &WebhookRecord) -> Vec<u8> {
     bincode::serde::encode_to_vec(record, bincode::config::standard()).unwrap_or_default()
 }
 
+fn decode(raw: &[u8]) -> Result<WebhookRecord, WebhookError> {
+    let config = bincode::config::standard();
+    match bincode::serde::decode_from_slice::<WebhookRecord, _>(raw, config) {
+        Ok((record, _)) => Ok(record),
+        Err(e) => match bincode::serde::decode_from_slice::<RecordV1, _>(raw, config) {
+            Ok((old, read)) if read == raw.len() => Ok(old.into()),
+            _ => Err(WebhookError::Corrupt(e.to_string())),
+        },
+    }
+}
+
 /// Every stored webhook, oldest first.
 pub fn load_all(store: &Store) -> Result<Vec<WebhookRecord>, WebhookError> {
     let mut all = Vec::new();
     for raw in store.webhook_records()? {
-        let (record, _): (WebhookRecord, usize) =
-            bincode::serde::decode_from_slice(&raw, bincode::config::standard())
-                .map_err(|e| WebhookError::Corrupt(e.to_string()))?;
-        all.push(record);
+        all.push(decode(&raw)?);
     }
     all.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
     Ok(all)
@@ -403,6 +460,9 @@ pub fn new_record(new: NewWebhook, head: Option<Ulid>) -> WebhookRecord {
         pause_reason: None,
         delivered: 0,
         created_at: crate::rfc3339::format_unix_ms(now_unix_ms()),
+        position: None,
+        skipped: 0,
+        skip_note: None,
     }
 }
 
@@ -416,6 +476,8 @@ pub fn apply_patch(record: &mut WebhookRecord, patch: &Patch) {
     }
     if let Some(cursor) = patch.cursor {
         record.cursor = cursor.0;
+        record.position = None;
+        record.skip_note = None;
     }
 }
 
@@ -436,9 +498,6 @@ pub struct View {
     pub failures: u32,
     pub last_error: Option<String>,
     pub next_attempt_at: Option<String>,
-    /// Events passed over because retention removed them first (since the task
-    /// started: kept in memory, not in the stored record).
-    pub skipped: u64,
 }
 
 impl View {
@@ -451,9 +510,8 @@ impl View {
                 DeliveryState::Active
             },
             failures: 0,
-            last_error: record.pause_reason.clone(),
+            last_error: record.pause_reason.clone().or(record.skip_note.clone()),
             next_attempt_at: None,
-            skipped: 0,
             record,
         }
     }
@@ -464,9 +522,10 @@ impl View {
 struct Live {
     record: WebhookRecord,
     failures: u32,
+    /// Why the last attempt failed (the record's pause reason and skip note show when
+    /// this is empty).
     last_error: Option<String>,
     next_attempt_at: Option<String>,
-    skipped: u64,
 }
 
 impl Live {
@@ -482,9 +541,12 @@ impl Live {
             record: self.record.clone(),
             state,
             failures: self.failures,
-            last_error: self.last_error.clone(),
+            last_error: self
+                .last_error
+                .clone()
+                .or_else(|| self.record.pause_reason.clone())
+                .or_else(|| self.record.skip_note.clone()),
             next_attempt_at: self.next_attempt_at.clone(),
-            skipped: self.skipped,
         }
     }
 }
@@ -617,11 +679,10 @@ impl Webhooks {
         let id = record.id.clone();
         let paused = record.paused;
         let live = Arc::new(Mutex::new(Live {
-            last_error: record.pause_reason.clone(),
+            last_error: None,
             record,
             failures: 0,
             next_attempt_at: None,
-            skipped: 0,
         }));
         let stop = self.shutdown.child_token();
         let task = (!paused).then(|| {
@@ -736,10 +797,9 @@ impl Webhooks {
         cursors
             .into_iter()
             .filter_map(|(id, cursor)| {
-                let position = match store.scan_after(cursor).map(|mut s| s.next()) {
-                    Ok(Some(Ok(next))) => next.seq - 1,
-                    Ok(None) => head,
-                    Ok(Some(Err(e))) | Err(e) => {
+                let position = match position_of(store, cursor, head) {
+                    Ok(p) => p,
+                    Err(e) => {
                         tracing::warn!(webhook = %id, error = %e, "cannot compute a webhook's lag");
                         return None;
                     }
@@ -794,7 +854,24 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
         Arc::new(Wanted(record.filter())),
         shared.stats.clone(),
     );
+    let store = shared.store.clone();
+    let starting = record.clone();
+    match tokio::task::spawn_blocking(move || start_position(&store, &starting)).await {
+        Ok(Ok(Some(seq))) => subscription.set_position(seq),
+        // Behind the horizon at an unknown seq: the skip is reported without a count.
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(webhook = %id, error = %e, "cannot find a webhook cursor's seq; a skip by retention would not be counted");
+        }
+        Err(e) => {
+            tracing::warn!(webhook = %id, error = %e, "cannot find a webhook cursor's seq; a skip by retention would not be counted");
+        }
+    }
     let mut pending: VecDeque<Event> = VecDeque::new();
+    // Skips read but not yet passed by the cursor (events read before the prune are
+    // still delivered first): counted in the record write that moves the cursor past
+    // them, so a crash in between counts them once, after the restart, never twice.
+    let mut skips: Vec<Skip> = Vec::new();
     loop {
         if pending.is_empty() {
             let item = tokio::select! {
@@ -803,7 +880,12 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
             };
             match item {
                 None => return,
-                Some(Ok(item)) => take(&mut pending, item, &live),
+                Some(Ok(item)) => {
+                    if take(&mut pending, item, &live, &subscription, &mut skips) {
+                        let stored = lock(&live).record.clone();
+                        store_record(&shared, stored).await;
+                    }
+                }
                 Some(Err(e)) => {
                     tracing::error!(webhook = %id, error = %e, "reading the log for a webhook failed");
                     if pause_for(&stop, shared.config.backoff_min).await {
@@ -817,7 +899,9 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
         // there is (a retry may thus carry more than the first try, from the same event).
         while pending.len() < batch {
             match subscription.next().now_or_never() {
-                Some(Some(Ok(item))) => take(&mut pending, item, &live),
+                Some(Some(Ok(item))) => {
+                    take(&mut pending, item, &live, &subscription, &mut skips);
+                }
                 _ => break,
             }
         }
@@ -831,10 +915,13 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
             Outcome::Delivered => {
                 metrics::counter!(crate::telemetry::WEBHOOK_DELIVERIES, "result" => "ok")
                     .increment(1);
-                let last = events.last().map_or(cursor::ZERO, |e| e.id);
+                let (last, last_seq) = events.last().map_or((cursor::ZERO, 0), |e| (e.id, e.seq));
+                let emptied = count == pending.len();
                 let stored = {
                     let mut l = lock(&live);
                     l.record.cursor = last.0;
+                    l.record.position = Some(last_seq);
+                    pass_skips(&mut l.record, &mut skips, emptied);
                     l.record.delivered += count as u64;
                     l.failures = 0;
                     l.last_error = None;
@@ -887,8 +974,15 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
     }
 }
 
-/// Adds a subscription item to what is to be sent.
-fn take(pending: &mut VecDeque<Event>, item: Item, live: &SharedLive) {
+/// Adds a subscription item to what is to be sent; true when the record moved in a way
+/// that must be stored now (past a skip while nothing was waiting).
+fn take(
+    pending: &mut VecDeque<Event>,
+    item: Item,
+    live: &SharedLive,
+    subscription: &Subscription,
+    skips: &mut Vec<Skip>,
+) -> bool {
     match item {
         Item::Events(events) => pending.extend(events),
         Item::Batch(committed) => pending.extend(committed.events.iter().cloned()),
@@ -899,24 +993,91 @@ fn take(pending: &mut VecDeque<Event>, item: Item, live: &SharedLive) {
                 let mut l = lock(live);
                 if id.0 > l.record.cursor {
                     l.record.cursor = id.0;
+                    l.record.position = subscription.position();
+                    pass_skips(&mut l.record, skips, true);
                 }
             }
         }
         // Retention removed events before they were delivered (SPEC §8): delivery
-        // continues at the horizon, and the state says what was passed over.
+        // continues at the horizon, and the record says what was passed over.
         Item::Pruned {
             cursor, skipped, ..
         } => {
-            let mut l = lock(live);
-            l.skipped += skipped.unwrap_or(0);
-            let count = skipped.map_or_else(|| "events".to_string(), |n| format!("{n} events"));
-            l.last_error = Some(format!(
-                "{count} up to {cursor} were pruned by retention before delivery; continuing after them"
-            ));
-            if pending.is_empty() && cursor.0 > l.record.cursor {
-                l.record.cursor = cursor.0;
+            skips.push(Skip {
+                cursor,
+                seq: subscription.position(),
+                events: skipped,
+            });
+            if pending.is_empty() {
+                pass_skips(&mut lock(live).record, skips, true);
+                return true;
             }
         }
+    }
+    false
+}
+
+/// Events retention removed ahead of a task's cursor.
+struct Skip {
+    /// The last pruned id: delivery continues after it.
+    cursor: Ulid,
+    /// Its seq, when known.
+    seq: Option<u64>,
+    /// How many, when the cursor's seq was known.
+    events: Option<u64>,
+}
+
+/// Counts the skips the record's cursor has passed, or all of them (`all`: nothing
+/// delivered is waiting before them, so the cursor moves past the last one).
+fn pass_skips(record: &mut WebhookRecord, skips: &mut Vec<Skip>, all: bool) {
+    skips.retain(|skip| {
+        if !all && skip.cursor.0 >= record.cursor {
+            return true;
+        }
+        if skip.cursor.0 > record.cursor {
+            record.cursor = skip.cursor.0;
+            record.position = skip.seq;
+        }
+        record.skipped += skip.events.unwrap_or(0);
+        let note = match skip.events {
+            Some(n) => format!(
+                "retention removed {n} events up to {} before they were delivered; delivery continued after them ({} skipped in all)",
+                skip.cursor, record.skipped
+            ),
+            None => format!(
+                "retention removed the events up to {} before they were delivered (how many is not known: the cursor was set before the horizon); delivery continued after them",
+                skip.cursor
+            ),
+        };
+        tracing::warn!(webhook = %record.id, "{note}");
+        record.skip_note = Some(note);
+        false
+    });
+}
+
+/// Where a task's subscription starts counting from: the stored position, or the
+/// cursor's seq found in the log. `None` when the cursor is behind the horizon and its
+/// seq was never known (an administrator set it there): what was pruned after it cannot
+/// be counted.
+fn start_position(store: &Store, record: &WebhookRecord) -> Result<Option<u64>, StoreError> {
+    if record.position.is_some() {
+        return Ok(record.position);
+    }
+    let cursor = record.cursor();
+    if cursor == cursor::ZERO {
+        return Ok(Some(0));
+    }
+    let position = position_of(store, cursor, store.head().seq)?;
+    // Checked after the read: a prune that hid the cursor's events is seen here.
+    Ok((!store.horizon_after_reads().cuts(cursor)).then_some(position))
+}
+
+/// The seq just before the first committed event after `cursor` (`head` when there is
+/// none): the cursor's seq, or the horizon's when retention removed it. One chunk read.
+fn position_of(store: &Store, cursor: Ulid, head: u64) -> Result<u64, StoreError> {
+    match store.scan_after(cursor)?.next() {
+        Some(next) => Ok(next?.seq - 1),
+        None => Ok(head),
     }
 }
 

@@ -553,3 +553,74 @@ fn page_keeps_up_with_2000_events_per_second_in_bounded_memory() {
     );
     browser.assert_no_page_errors();
 }
+
+/// The header shows one line per webhook, its state and lag, to a token that may list
+/// webhooks (admin), and nothing to a read token.
+#[test]
+fn page_shows_each_webhook_state_and_lag_to_an_admin() {
+    let Some(mut browser) = Browser::launch() else {
+        return;
+    };
+    let s = Server::start(&["--webhook-retry-initial", "0.05"]);
+    // Nothing listens here: every delivery fails, so the webhook keeps retrying.
+    let closed = format!("http://127.0.0.1:{}/hook", common::free_port());
+    for name in ["siem", "pipeline"] {
+        let (status, body) = s.post(
+            "/v1/webhooks",
+            "application/json",
+            json!({"url": closed, "name": name, "since": "earliest"}).to_string(),
+        );
+        assert_eq!(status, 201, "{body}");
+        if name == "pipeline" {
+            let id = body["data"]["id"].as_str().expect("id");
+            let paused = s
+                .http()
+                .patch(s.url(&format!("/v1/webhooks/{id}")))
+                .bearer_auth(&s.token)
+                .header("content-type", "application/json")
+                .body(r##"{"paused":true}"##)
+                .send()
+                .expect("patch");
+            assert_eq!(paused.status(), 200);
+        }
+    }
+    append(
+        &s,
+        &[
+            ("audit.login", "sso"),
+            ("audit.logout", "sso"),
+            ("net.dns", "resolver"),
+        ],
+    );
+
+    browser.open(&format!("{}?token={}", s.url("/"), s.token));
+    let lines = browser.wait_js(
+        "a line per webhook with its state and lag",
+        r##"(() => {
+            if (document.getElementById("hooks").hidden) return null;
+            const lines = [...document.querySelectorAll("#hooks .hook")].map((d) => d.textContent).sort();
+            return lines.length === 2 && lines.every((l) => l.includes("lag 3")) && lines.some((l) => l.includes("retrying")) ? lines : null;
+        })()"##,
+    );
+    assert_eq!(
+        lines,
+        json!([
+            "Webhook pipeline: paused, lag 3",
+            "Webhook siem: retrying, lag 3"
+        ])
+    );
+    browser.screenshot("dashboard-webhooks.png");
+
+    // A read token may not list webhooks: after the page has polled, the panel is hidden.
+    let token = read_token(&s);
+    browser.open(&format!("{}?token={token}", s.url("/")));
+    let hidden = browser.wait_js(
+        "the page to poll the webhooks",
+        r##"(() => { const h = document.getElementById("hooks"); return h.dataset.polls ? h.hidden : null; })()"##,
+    );
+    assert_eq!(hidden, json!(true));
+    assert_eq!(
+        browser.eval("document.querySelectorAll('#hooks .hook').length"),
+        json!(0)
+    );
+}

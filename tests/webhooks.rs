@@ -866,3 +866,74 @@ fn a_cursor_newer_than_the_head_waits_for_newer_events() {
     let lag = s.metric(&format!(r#"cairn_webhook_lag_events{{webhook="{id}"}}"#));
     assert_eq!(lag, 0.0);
 }
+
+/// SPEC §7/§8: a webhook whose cursor fell behind the retention horizon continues at
+/// the horizon, and its state counts exactly what it passed over (`skipped`, said in
+/// `last_error` too), stored with the cursor: a SIGKILL and restart keep both.
+#[test]
+fn skipped_by_retention_is_counted_and_survives_a_crash() {
+    let flags = [FAST, &["--checkpoint-interval", "1"]].concat();
+    let mut s = Server::start(&flags);
+    let receiver = Receiver::start(Plan::Ok);
+    let (id, secret) = create(
+        &s,
+        json!({"url": receiver.url, "since": "earliest", "batch": 50}),
+    );
+    let first = append(&s, 100, "audit", None);
+    wait_until(WAIT, "the first events", || {
+        receiver.acked_events().len() == 100
+    });
+    assert_eq!(patch(&s, &id, json!({"paused": true}))["state"], "paused");
+    // Separate requests: separate chunks, so the prune can stop between them.
+    let second: Vec<String> = (0..5)
+        .flat_map(|_| append(&s, 100, "audit", None))
+        .collect();
+    let head = s.head()["seq"].as_u64().unwrap();
+    wait_until(WAIT, "a checkpoint covering the head", || {
+        s.get_text("/v1/checkpoint")
+            .1
+            .lines()
+            .nth(1)
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_some_and(|size| size >= head)
+    });
+    let (code, out, err) = s.cairn(&["prune", "--before", &second[349]]);
+    assert_eq!(code, 0, "{out}{err}");
+    let horizon = s.head()["first_seq"].as_u64().unwrap();
+    assert!(horizon > 101 && horizon <= 501, "horizon at {horizon}");
+    let expected = horizon - 101;
+
+    assert_eq!(patch(&s, &id, json!({"paused": false}))["state"], "active");
+    let last = second.last().unwrap().clone();
+    wait_until(WAIT, "delivery up to the head", || {
+        webhook(&s, &id)["cursor"] == last.as_str()
+    });
+    let retained = &second[(horizon - 101) as usize..];
+    assert_eq!(
+        ids(&receiver.acked_events()),
+        [first.as_slice(), retained].concat(),
+        "not exactly the first events, then everything from the horizon"
+    );
+    let shown = webhook(&s, &id);
+    assert_eq!(shown["skipped"].as_u64(), Some(expected), "{shown}");
+    let note = shown["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        note.contains(&format!("removed {expected} events")),
+        "{shown}"
+    );
+
+    s.kill();
+    let data = s.data.clone();
+    let s = Server::start_on(&data, FAST);
+    let shown = webhook(&s, &id);
+    assert_eq!(shown["skipped"].as_u64(), Some(expected), "{shown}");
+    assert_eq!(shown["cursor"], last.as_str(), "{shown}");
+    assert_eq!(shown["last_error"].as_str(), Some(note.as_str()));
+    // Delivery goes on after the restart without counting the skip again.
+    let third = append(&s, 10, "audit", None);
+    wait_until(WAIT, "delivery after the restart", || {
+        webhook(&s, &id)["cursor"] == third.last().unwrap().as_str()
+    });
+    assert_eq!(webhook(&s, &id)["skipped"].as_u64(), Some(expected));
+    verify_signatures(&secret, &receiver.requests());
+}

@@ -81,7 +81,7 @@ pub fn webhook_json(view: View, secret: bool) -> WebhookJson {
         failures: view.failures,
         last_error: view.last_error,
         next_attempt_at: view.next_attempt_at,
-        skipped: view.skipped,
+        skipped: r.skipped,
         created_at: r.created_at,
     }
 }
