@@ -158,7 +158,8 @@ fn every_documented_operation_is_served() {
 }
 
 /// Every response with a 4xx or 5xx status documents the one error body, and the error
-/// body lists every code the contract names.
+/// body lists every code the contract names. `/healthz` is the exception the contract
+/// makes: in cluster mode a node that is not ready answers 503 with its health body.
 #[test]
 fn every_error_response_is_the_error_body() {
     let s = Server::start(&[]);
@@ -168,7 +169,8 @@ fn every_error_response_is_the_error_body() {
             .as_object()
             .expect("responses");
         for (status, response) in responses {
-            if status.starts_with('4') || status.starts_with('5') {
+            let health = path == "/healthz" && status == "503";
+            if (status.starts_with('4') || status.starts_with('5')) && !health {
                 assert_eq!(
                     response["content"]["application/json"]["schema"]["$ref"],
                     "#/components/schemas/Error",

@@ -157,8 +157,10 @@ pub enum Readiness {
     Unavailable,
 }
 
+/// A node's part in the cluster (named apart from the tokens' `Role` in the document).
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = ClusterRole)]
 pub enum Role {
     Sequencer,
     Follower,
