@@ -375,7 +375,15 @@ pub async fn join_cluster(
     admin_file: Option<&Path>,
     shutdown: CancellationToken,
 ) -> Result<bool, AuthError> {
-    let first = map.create(FIRST_NODE_KEY, node.as_bytes().to_vec()).await? != Written::Conflict;
+    // A retried start (JetStream was briefly unavailable) finds its own name there.
+    let first = match map.create(FIRST_NODE_KEY, node.as_bytes().to_vec()).await? {
+        Written::Conflict => map
+            .get(FIRST_NODE_KEY)
+            .await?
+            .and_then(|entry| entry.value)
+            .is_some_and(|value| value.as_ref() == node.as_bytes()),
+        _ => true,
+    };
     if first {
         if let Some(path) = admin_file.filter(|_| tokens.is_empty()) {
             tokens.create_admin_file(path)?;

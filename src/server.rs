@@ -217,14 +217,29 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             )
             .await?;
             writer.forward_to(cluster.forwarder.clone());
-            crate::auth::join_cluster(
-                tokens.clone(),
-                cluster.shared.map("tokens").await?,
-                &cluster_opts.node,
-                opts.auth.then_some(admin_file.as_path()),
-                cluster_stop.clone(),
-            )
-            .await?;
+            // JetStream answers 10008 ("temporarily unavailable") for a while after an
+            // outage: a starting node retries rather than exiting.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let joined = crate::auth::join_cluster(
+                    tokens.clone(),
+                    cluster.shared.map("tokens").await?,
+                    &cluster_opts.node,
+                    opts.auth.then_some(admin_file.as_path()),
+                    cluster_stop.clone(),
+                )
+                .await;
+                match joined {
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        tracing::info!(error = %e, "cannot read the cluster's tokens yet; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    other => {
+                        other?;
+                        break;
+                    }
+                }
+            }
             Some(cluster.status)
         }
         _ => None,

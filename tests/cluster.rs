@@ -927,9 +927,15 @@ fn failovers_under_ingest_lose_nothing_and_streams_resume_elsewhere() {
         "{views:?}"
     );
     for v in &views {
-        assert_eq!(v["ready"], true, "{v}");
         assert_eq!(v["applied_seq"], total, "{v}");
     }
+    // Readiness also needs the last head read (every second) to have reached NATS,
+    // which a loaded machine can miss once after the failovers.
+    wait_until(Duration::from_secs(15), "both nodes ready", || {
+        [&a, &b]
+            .iter()
+            .all(|n| n.get("/healthz").1["cluster"]["ready"] == true)
+    });
 
     // The clients that followed c, then b, hold exactly b's log.
     *target.lock().expect("target") = Some(b.head()["id"].as_str().expect("head id").to_string());

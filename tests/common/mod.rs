@@ -139,7 +139,7 @@ impl Server {
             _tmp: None,
             http,
         };
-        wait_until(Duration::from_secs(10), "/healthz", || {
+        wait_until(Duration::from_secs(30), "/healthz", || {
             s.http
                 .get(s.url("/healthz"))
                 .send()
