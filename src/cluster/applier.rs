@@ -20,6 +20,9 @@ use crate::writer::{StreamGroup, Writer};
 /// Pause before a new consumer after an error (NATS down, leader election).
 const RETRY: Duration = Duration::from_millis(100);
 
+/// Silence after which the applier checks whether the stream moved on without it.
+const SILENCE: Duration = Duration::from_secs(2);
+
 pub(super) async fn run(log: stream::Stream, writer: Writer, shutdown: CancellationToken) {
     // Groups handed to the writer; it may not have stored them yet.
     let mut sent = *writer.applied_stream().borrow();
@@ -67,8 +70,26 @@ async fn follow(
         .map_err(|e| format!("reading the stream: {e}"))?;
     loop {
         let next = tokio::select! {
-            next = messages.next() => next,
+            next = tokio::time::timeout(SILENCE, messages.next()) => next,
             () = shutdown.cancelled() => return Ok(()),
+        };
+        let Ok(next) = next else {
+            // Silence is normal on an idle log. But a consumer lost with its server
+            // (a killed stream leader) can leave the pull stream waiting forever without
+            // an error: when the stream holds more than this node has, start again.
+            let mut log = log.clone();
+            let last = log
+                .info()
+                .await
+                .map_err(|e| format!("reading the stream's state: {e}"))?
+                .state
+                .last_sequence;
+            if last > *sent {
+                return Err(format!(
+                    "no message for {SILENCE:?} while the stream holds {last} (sent {sent})"
+                ));
+            }
+            continue;
         };
         let message = match next {
             Some(Ok(m)) => m,
