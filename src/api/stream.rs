@@ -136,15 +136,25 @@ pub(super) fn stream_selection(
 /// `cursor` were pruned (SPEC §8), with the first retained id for the `connected`
 /// frame's `pruned_before`; else at `cursor`. Starting the subscription past the pruned
 /// range keeps it from reporting that range a second time, in band.
-pub(super) fn start_at_horizon(store: &Store, cursor: Ulid) -> (Ulid, Option<String>) {
+///
+/// Only a cursor behind the horizon reads the store (on a blocking thread); the usual
+/// case answers at once: a blocking task per new stream made 10,000 connections opened
+/// at once grow the blocking pool by hundreds of threads and their stacks.
+pub(super) async fn start_at_horizon(
+    store: &Arc<Store>,
+    cursor: Ulid,
+) -> Result<(Ulid, Option<String>), ApiError> {
     let horizon = store.horizon();
-    match horizon.last_pruned_id {
-        Some(last) if horizon.cuts(cursor) => (
-            last,
-            crate::retention::pruned_before(&horizon, store, cursor),
-        ),
-        _ => (cursor, None),
-    }
+    let Some(last) = horizon.last_pruned_id.filter(|_| horizon.cuts(cursor)) else {
+        return Ok((cursor, None));
+    };
+    let store = store.clone();
+    let pruned_before = tokio::task::spawn_blocking(move || {
+        crate::retention::pruned_before(&horizon, &store, cursor)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("stream start task failed: {e}")))?;
+    Ok((last, pruned_before))
 }
 
 /// A `connected` frame's data: the cursor delivery continues after, the head (the one a
@@ -235,11 +245,7 @@ pub async fn stream(
     // allow-list must not learn the ids of events it may not see, so it gets plain
     // heartbeats (and rescans what its filter passed over after a reconnect).
     let announce_skips = selection.is_filtered() && caller.allowed_types.is_none();
-    let store = state.store.clone();
-    let (after, pruned_before) =
-        tokio::task::spawn_blocking(move || start_at_horizon(&store, start))
-            .await
-            .map_err(|e| ApiError::internal(format!("stream start task failed: {e}")))?;
+    let (after, pruned_before) = start_at_horizon(&state.store, start).await?;
     let subscription = Subscription::new(
         state.store.clone(),
         &state.writer,

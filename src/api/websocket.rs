@@ -178,7 +178,10 @@ pub async fn events_ws(
     }
     // Read after the gate: the head the `connected` message reports covers the cursor.
     let head = state.store.head();
-    let (after, pruned_before) = start_at_horizon(&state.store, start);
+    let (after, pruned_before) = match start_at_horizon(&state.store, start).await {
+        Ok(started) => started,
+        Err(e) => return e.into_response(),
+    };
     let subscription = Subscription::new(
         state.store.clone(),
         &state.writer,
@@ -355,7 +358,10 @@ impl Connection {
         };
         match parsed {
             Ok((after, selection)) => {
-                let (start, pruned_before) = start_at_horizon(&self.store, after);
+                let (start, pruned_before) = match start_at_horizon(&self.store, after).await {
+                    Ok(started) => started,
+                    Err(e) => return error_message(&e),
+                };
                 self.subscription.reposition(start, Arc::new(selection));
                 // The new position is where "continue after the last event sent" starts
                 // from until an event is sent.
