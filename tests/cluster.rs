@@ -146,6 +146,27 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
     let (status, reused) = post(&b, &batch("other", 1), Some("key-1"));
     assert_eq!(status, 422, "{reused}");
 
+    // The same key sent to two nodes at once: the sequencer seals groups ahead of its
+    // own copy, so the second request may come in the group after the first, before
+    // that one is stored anywhere. Either way the key appends once.
+    for round in 0..30 {
+        let key = format!("race-{round}");
+        let (from_a, from_c) = std::thread::scope(|scope| {
+            let a_post = scope.spawn(|| post(&a, &batch("race", 1), Some(&key)));
+            let c_post = scope.spawn(|| post(&c, &batch("race", 1), Some(&key)));
+            (
+                a_post.join().expect("post on a"),
+                c_post.join().expect("post on c"),
+            )
+        });
+        assert_eq!(from_a.0, 201, "{}", from_a.1);
+        assert_eq!(from_c.0, 201, "{}", from_c.1);
+        assert_eq!(
+            from_a.1["data"]["first_seq"], from_c.1["data"]["first_seq"],
+            "round {round}: one key, two appends"
+        );
+    }
+
     // The answering node serves what it acknowledged at once.
     let (status, fresh) = post(&b, &batch("fresh", 1), None);
     assert_eq!(status, 201, "{fresh}");
@@ -153,7 +174,7 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
     let (status, got) = b.get(&format!("/v1/events/{id}"));
     assert_eq!(status, 200, "{got}");
 
-    let total = 604;
+    let total = 634;
     assert_same_log(&nodes, total);
 
     // Equal checkpoints at equal sizes (one key, deterministic signatures).
