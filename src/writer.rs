@@ -644,7 +644,13 @@ impl WriterState {
                 return Err(format!("event seq {expected} has a wrong hash"));
             }
             hashes.push(info.stated_hash);
-            self.head = Head::of(event).map_err(|e| e.to_string())?;
+            // Only the last event's timestamp is needed: read it once, below.
+            self.head.seq = expected;
+            self.head.id = Some(event.id);
+            self.head.hash = info.stated_hash;
+        }
+        if let (Some(last), Some(&hash)) = (events.last(), hashes.last()) {
+            self.head = Head::after(last, hash).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -94,8 +94,21 @@ fn assert_same_log(nodes: &[&Server], expected_events: u64) {
             "seqs are contiguous"
         );
     }
+    let head = nodes[0].head();
+    let newest: Value = serde_json::from_str(first.last().expect("events")).expect("json");
+    for member in ["seq", "id", "hash", "timestamp"] {
+        assert_eq!(
+            head[member], newest[member],
+            "the head is the newest event's"
+        );
+    }
     for n in &nodes[1..] {
         assert_eq!(n.export_lines(), first, "exports are byte-identical");
+        assert_eq!(
+            n.head(),
+            head,
+            "heads (seq, id, hash, timestamp) are the same"
+        );
     }
     for n in nodes {
         let (status, verify) = n.get("/v1/verify");
