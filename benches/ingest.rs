@@ -6,7 +6,10 @@
 //! (names: w1, w2, single, rss, retention). `CAIRN_BENCH_EVENTS_RSS` overrides the
 //! 1,000,000 events of the RSS run. `retention` alternates servers with and without a
 //! pruner at work (`--retain-events 100000`, 2,000,000 events: the pruner removes
-//! chunks every second for most of the run) and prints each pair's throughput ratio.
+//! chunks every second for most of the run) and prints each pair's throughput ratio;
+//! `CAIRN_BENCH_RETENTION_SYNC` (`fsync` or `none`, default both),
+//! `CAIRN_BENCH_RETENTION_PAIRS` (default 4) and `CAIRN_BENCH_RETENTION_EVENTS` (default
+//! 2,000,000) narrow it.
 
 mod support;
 
@@ -55,9 +58,21 @@ fn main() {
         measure(&rt, &s, "fsync, 64 conns x 1 event/request", 64, 1, 64_000);
     }
     if wanted("retention") {
-        for sync in ["fsync", "none"] {
+        let env_u64 = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let pairs = env_u64("CAIRN_BENCH_RETENTION_PAIRS", 4).max(1);
+        let events = env_u64("CAIRN_BENCH_RETENTION_EVENTS", 2_000_000);
+        let syncs: Vec<String> = match std::env::var("CAIRN_BENCH_RETENTION_SYNC") {
+            Ok(s) => vec![s],
+            Err(_) => vec!["fsync".into(), "none".into()],
+        };
+        for sync in syncs.iter().map(String::as_str) {
             let mut ratios = Vec::new();
-            for pair in 1..=4 {
+            for pair in 1..=pairs {
                 let mut rates = [0.0; 2];
                 // Alternate which goes first, so a drift of the machine's speed within
                 // a pair does not always favour the same side.
@@ -77,7 +92,7 @@ fn main() {
                             "pruner running"
                         }
                     );
-                    rates[i] = measure(&rt, &s, &name, 4, 100, 2_000_000);
+                    rates[i] = measure(&rt, &s, &name, 4, 100, events);
                     if i == 1 {
                         let head: serde_json::Value = reqwest::blocking::Client::new()
                             .get(format!("http://{}/v1/head", s.addr))
@@ -99,7 +114,7 @@ fn main() {
                     .map(|r| format!("{r:.3}"))
                     .collect::<Vec<_>>()
                     .join(" "),
-                (ratios[1] + ratios[2]) / 2.0
+                (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0
             );
         }
     }

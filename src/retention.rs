@@ -41,7 +41,7 @@ impl Policy {
 
     /// The last seq the bounds would remove now (0: none). An event goes once it is
     /// beyond any bound, so this is the largest of the three.
-    fn target_seq(&self, store: &Store, now_ms: u64) -> Result<u64, StoreError> {
+    pub(crate) fn target_seq(&self, store: &Store, now_ms: u64) -> Result<u64, StoreError> {
         let head = store.head().seq;
         let mut target = 0;
         if let Some(n) = self.retain_events {
@@ -274,7 +274,7 @@ pub async fn run(
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

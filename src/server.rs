@@ -88,12 +88,6 @@ pub enum ServeError {
         stream: String,
         wanted: String,
     },
-    #[error(
-        "refusing to start: --retain-for, --retain-events, --retain-bytes and --archive do not \
-         work with --nats yet: in cluster mode retention must be one decision for the whole \
-         cluster (SPEC §8), which is not built (docs/retention.md, \"Cluster mode\")"
-    )]
-    RetentionInCluster,
 }
 
 impl ServeError {
@@ -169,11 +163,6 @@ pub fn check_tail(store: &Store, dir: &std::path::Path) -> Result<(), ServeError
 }
 
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
-    // A node pruning on its own would get a horizon of its own (and the stream would
-    // never be trimmed): refused until retention is a cluster-wide decision.
-    if opts.cluster.is_some() && (opts.retention.is_bounded() || opts.retention.archive.is_some()) {
-        return Err(ServeError::RetentionInCluster);
-    }
     let dir = DataDir::lock(&opts.data)?;
     let store = Arc::new(Store::open(dir)?);
     check_tail(&store, &opts.data)?;
@@ -268,6 +257,20 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 Ok(())
             })
             .await?;
+            // Retention is one decision for the cluster: every node follows it, whatever
+            // its own flags (the sequencer's bounds decide; --archive is per node).
+            let retention = retry_while_unavailable("the cluster's retention", || async {
+                Ok(cluster.shared.map("retention").await?)
+            })
+            .await?;
+            crate::cluster::start_retention(
+                cluster.status.clone(),
+                retention,
+                checkpoints.clone(),
+                opts.retention.clone(),
+                cluster_stop.clone(),
+            )
+            .await?;
             Some(cluster.status)
         }
         _ => None,
@@ -330,7 +333,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         opts.checkpoint_interval,
         shutdown.clone(),
     ));
-    if opts.retention.is_bounded() {
+    if opts.retention.is_bounded() && opts.cluster.is_none() {
         tracing::info!(policy = ?opts.retention, "retention: the pruner is running");
         tokio::spawn(crate::retention::run(
             store.clone(),

@@ -94,6 +94,9 @@ const PRUNE_BATCH_CHUNKS: usize = 256;
 const STREAM_POSITION_KEY: &[u8] = b"p";
 /// Cluster mode: the JetStream stream whose log this directory copies.
 const CLUSTER_STREAM_KEY: &[u8] = b"N";
+/// Cluster mode: `g` ‖ a stream group's first seq → its stream sequence. Retention's
+/// horizon is always the end of a group (docs/retention.md, "Cluster mode").
+const GROUP_PREFIX: u8 = b'g';
 /// The stored log's size is `ba − br`: two totals, each with a single writer (the writer
 /// thread; a prune), so neither update races the other.
 const APPENDED_BYTES_KEY: &[u8] = b"ba";
@@ -531,6 +534,14 @@ impl CommitBatch {
         self.batch
             .insert(STREAM_POSITION_KEY, &stream_seq.to_be_bytes()[..]);
     }
+
+    /// Cluster mode: the stream group at `stream_seq` begins with event `first_seq`.
+    pub fn add_group_start(&mut self, first_seq: u64, stream_seq: u64) {
+        self.batch.insert(
+            &block_key(GROUP_PREFIX, first_seq)[..],
+            &stream_seq.to_be_bytes()[..],
+        );
+    }
 }
 
 pub struct Store {
@@ -557,6 +568,8 @@ pub struct Store {
     prune_lock: Mutex<()>,
     /// The tree size from which signed checkpoints are noted (`n`).
     noted_from: u64,
+    /// Cluster mode: every pruned leaf hash is kept (any node's checkpoint may need it).
+    keep_every_leaf: std::sync::atomic::AtomicBool,
     _dir: DataDir,
 }
 
@@ -680,6 +693,7 @@ impl Store {
             pruned_bytes: Default::default(),
             prune_lock: Mutex::new(()),
             noted_from: 0,
+            keep_every_leaf: Default::default(),
             _dir: dir,
         };
         let mut store = store;
@@ -732,6 +746,7 @@ impl Store {
                 (stored, 0)
             }
         };
+        *store.keep_every_leaf.get_mut() = store.log.contains_key(CLUSTER_STREAM_KEY)?;
         *store.appended_bytes.get_mut() = appended;
         *store.pruned_bytes.get_mut() = pruned;
         store.set_committed(head);
@@ -784,7 +799,10 @@ impl Store {
     /// Whether a signed checkpoint's size may fall inside `block` (its leaf hashes are
     /// then kept when it is pruned).
     fn block_is_cut(&self, block: u64) -> Result<bool> {
-        Ok(block * BLOCK_LEAVES < self.noted_from
+        // A cluster node answers proofs for checkpoints other nodes signed (one key),
+        // whose sizes it never saw: it keeps every leaf hash (32 B per event).
+        Ok(self.keep_every_leaf.load(Ordering::Relaxed)
+            || block * BLOCK_LEAVES < self.noted_from
             || self.log.contains_key(block_key(CUT_PREFIX, block))?)
     }
 
@@ -881,6 +899,12 @@ impl Store {
         for (seq, id) in &chunks {
             batch.remove(&event_key(*id)[..]);
             batch.remove(&seq_key(*seq)[..]);
+        }
+        for kv in self.log.range(
+            &block_key(GROUP_PREFIX, horizon.first_seq())[..]
+                ..=&block_key(GROUP_PREFIX, new_horizon.pruned_through)[..],
+        ) {
+            batch.remove(kv?.0);
         }
         self.keep_leaf_hashes(&mut batch, &events, new_horizon.pruned_through)?;
         let record = bincode::serde::encode_to_vec(new_horizon, bincode_config())
@@ -1011,6 +1035,23 @@ impl Store {
         })
     }
 
+    /// Cluster mode: the last stream group that begins at or before `seq`, as (its first
+    /// seq, its stream sequence); `None` when no recorded group does.
+    pub fn group_at_or_before(&self, seq: u64) -> Result<Option<(u64, u64)>> {
+        let Some(kv) = self
+            .log
+            .range(&block_key(GROUP_PREFIX, 0)[..]..=&block_key(GROUP_PREFIX, seq)[..])
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (k, v) = kv?;
+        let stream_seq = <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("malformed group record".into()))?;
+        Ok(Some((seq_from_key(&k)?, stream_seq)))
+    }
+
     /// The cluster stream this data directory copies (`None`: a single node's, so far).
     pub fn cluster_stream(&self) -> Result<Option<String>> {
         Ok(self
@@ -1023,6 +1064,7 @@ impl Store {
     /// commands that would change it behind the cluster's back refuse from then on.
     pub fn set_cluster_stream(&self, stream: &str) -> Result<()> {
         self.log.insert(CLUSTER_STREAM_KEY, stream.as_bytes())?;
+        self.keep_every_leaf.store(true, Ordering::Relaxed);
         self.sync()
     }
 

@@ -465,6 +465,13 @@ pub fn seal_group(
     sealed
 }
 
+/// Cluster mode: where a batch of stream groups brings the copy, and each group's
+/// (first seq, stream sequence, event count).
+struct StreamBatch {
+    position: u64,
+    groups: Vec<(u64, u64, usize)>,
+}
+
 impl WriterState {
     fn run(mut self) {
         while let Some(first) = self.rx.blocking_recv() {
@@ -557,15 +564,26 @@ impl WriterState {
         events: &[Event],
         hashes: &[[u8; 32]],
         idempotency: &[SealedKey],
-        stream_position: Option<u64>,
+        stream: Option<&StreamBatch>,
     ) -> Result<(), crate::store::StoreError> {
         let mut batch = CommitBatch::default();
-        batch.add_events(events);
+        match stream {
+            None => batch.add_events(events),
+            Some(stream) => {
+                // Each group its own chunks: group ends are chunk ends on every node, so
+                // a cluster-wide horizon (always a group's end) prunes the same everywhere.
+                let mut rest = events;
+                for &(first_seq, stream_seq, len) in &stream.groups {
+                    let (group, after) = rest.split_at(len.min(rest.len()));
+                    batch.add_events(group);
+                    batch.add_group_start(first_seq, stream_seq);
+                    rest = after;
+                }
+                batch.set_stream_position(stream.position);
+            }
+        }
         for (token_id, key, record) in idempotency {
             batch.add_idempotency(token_id, key, record);
-        }
-        if let Some(position) = stream_position {
-            batch.set_stream_position(position);
         }
         // The tree's new hashes go in the same atomic batch as the events they cover.
         let tree =
@@ -583,6 +601,7 @@ impl WriterState {
         let mut hashes = Vec::new();
         let mut idempotency = Vec::new();
         let mut position = None;
+        let mut layout = Vec::new();
         for group in groups {
             if let Err(reason) = self.continue_chain(&group.events, &mut hashes) {
                 let message = format!(
@@ -594,11 +613,20 @@ impl WriterState {
                 self.head = start_head;
                 return;
             }
+            if let Some(first) = group.events.first() {
+                layout.push((first.seq, group.stream_seq, group.events.len()));
+            }
             events.extend(group.events);
             idempotency.extend(group.idempotency);
             position = Some(group.stream_seq);
         }
-        if let Err(e) = self.store_events(&start_head, &events, &hashes, &idempotency, position) {
+        let stream = position.map(|position| StreamBatch {
+            position,
+            groups: layout,
+        });
+        if let Err(e) =
+            self.store_events(&start_head, &events, &hashes, &idempotency, stream.as_ref())
+        {
             tracing::error!(error = %e, "storing groups from the stream failed");
             let _ = self
                 .failed

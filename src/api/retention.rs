@@ -27,7 +27,8 @@ use crate::retention::{self, Outcome};
         (status = 200, description = "What was removed and what was kept",
             body = Envelope<Outcome>),
         (status = 400, description = "A missing or malformed `before`, or a cluster node \
-            (retention in cluster mode is not built yet)", body = openapi::Error),
+            (in cluster mode the horizon is the cluster's decision, from the \
+            --retain-* bounds)", body = openapi::Error),
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 403, description = "The token's role is not admin", body = openapi::Error),
     )
@@ -40,8 +41,8 @@ pub async fn prune(
     caller.require(Role::Admin)?;
     if state.cluster.is_some() {
         return Err(ApiError::bad_request(
-            "a cluster node cannot be pruned on its own: in cluster mode retention must be one \
-             decision for the whole cluster (SPEC §8), which is not built yet",
+            "a cluster node cannot be pruned by hand: in cluster mode retention is one decision \
+             for the whole cluster, taken by the sequencer from its --retain-* bounds (SPEC §8)",
         ));
     }
     let before = params

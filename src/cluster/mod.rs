@@ -23,6 +23,7 @@
 
 mod applier;
 mod forward;
+mod retention;
 mod sequencer;
 mod shared;
 
@@ -39,6 +40,7 @@ use crate::store::{Store, bincode_config};
 use crate::writer::{SealedKey, Writer};
 
 pub use forward::Forwarder;
+pub use retention::start as start_retention;
 pub use shared::{SharedEntry, SharedError, SharedMap, Written};
 
 /// How a node joins the cluster (`cairn serve --nats …`).
@@ -70,6 +72,17 @@ pub enum ClusterError {
     },
     #[error("NATS JetStream: {0}")]
     JetStream(String),
+    #[error(
+        "refusing to start: this node's copy ends at stream message {position}, but retention \
+         has trimmed the stream {stream} to begin at {first}; the messages in between are gone. \
+         Seed this node with a copy of another node's data directory (stopped, or copied \
+         while it is stopped) and start it again (docs/retention.md, \"Cluster mode\")"
+    )]
+    Behind {
+        stream: String,
+        position: u64,
+        first: u64,
+    },
 }
 
 /// Subjects and bucket names derived from the stream name.
@@ -376,6 +389,7 @@ pub async fn start(
     let (start_target, _) = read_stream_head(&log, &names)
         .await
         .map_err(ClusterError::JetStream)?;
+    check_not_behind(&log, &names, *writer.applied_stream().borrow()).await?;
 
     let status = Arc::new(Status {
         node: opts.node.clone(),
@@ -497,6 +511,29 @@ fn describe_differences(found: &stream::Config, wanted: &stream::Config) -> Stri
         out.push("other settings".into());
     }
     out.join(", ")
+}
+
+/// Refuses a copy that ends before the stream's first message: retention purged what it
+/// would need next, so it could never catch up.
+async fn check_not_behind(
+    log: &stream::Stream,
+    names: &Names,
+    position: u64,
+) -> Result<(), ClusterError> {
+    let first = log
+        .get_info()
+        .await
+        .map_err(|e| ClusterError::JetStream(e.to_string()))?
+        .state
+        .first_sequence;
+    if first > position + 1 {
+        return Err(ClusterError::Behind {
+            stream: names.stream.clone(),
+            position,
+            first,
+        });
+    }
+    Ok(())
 }
 
 /// Marks the node ready once it has applied the stream as it was at start.

@@ -16,8 +16,8 @@ pub fn run(args: &PruneArgs) -> Result<ExitCode, String> {
         if let Some(stream) = store.cluster_stream().map_err(|e| e.to_string())? {
             return Err(format!(
                 "{} is a node of the cluster stream {stream}: pruning one node alone would give it a \
-                 horizon of its own; in cluster mode retention must be one decision for the \
-                 whole cluster (SPEC §8), which is not built yet",
+                 horizon of its own; in cluster mode retention is one decision for the \
+                 whole cluster, taken by the sequencer from its --retain-* bounds (SPEC §8)",
                 dir.display()
             ));
         }

@@ -174,7 +174,18 @@ impl NatsCluster {
             .find_map(|i| self.jsz_stream_cluster(i, stream))
     }
 
+    /// `stream`'s state (`first_seq`, `last_seq`, …) as its leader reports it.
+    pub fn stream_state(&self, stream: &str) -> Option<serde_json::Value> {
+        let leader = self.stream_leader(stream)?;
+        self.jsz_stream(leader, stream).map(|s| s["state"].clone())
+    }
+
     fn jsz_stream_cluster(&self, i: usize, stream: &str) -> Option<serde_json::Value> {
+        self.jsz_stream(i, stream).map(|s| s["cluster"].clone())
+    }
+
+    /// `stream`'s entry in server `i`'s `/jsz`.
+    fn jsz_stream(&self, i: usize, stream: &str) -> Option<serde_json::Value> {
         let url = format!(
             "http://127.0.0.1:{}/jsz?accounts=true&streams=true",
             self.servers[i].http_port
@@ -193,7 +204,6 @@ impl NatsCluster {
             .iter()
             .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
             .find(|s| s["name"] == stream)
-            .map(|s| s["cluster"].clone())
     }
 
     fn signal(&self, i: usize, signal: &str) {

@@ -1,0 +1,313 @@
+//! Retention in cluster mode (SPEC §6 + §8): one horizon for the whole cluster, and the
+//! stream trimmed only behind what every node has pruned. docs/retention.md, "Cluster
+//! mode", has the design and the decisions.
+//!
+//! The shared map `retention` holds:
+//! - `target`: the cluster's horizon ([`Target`], JSON). Only the sequencer writes it,
+//!   compare-and-set by revision and only ever forward, so a stale sequencer cannot move
+//!   it back. It is always the last event of a stream group and covered by a signed
+//!   checkpoint.
+//! - `applied.<node, hex>`: the stream sequence of the last message the node has pruned
+//!   entirely (0: none). The sequencer purges the stream below the smallest of them, so a
+//!   node that is down holds the trim back.
+//!
+//! Every node (the sequencer too) prunes through exactly `target` once its copy holds a
+//! later event: the writer stores each stream group as its own chunks, so the same
+//! whole-chunk prune stops at the same seq on every node.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use ulid::Ulid;
+
+use super::{ClusterError, SharedMap, Status, Written};
+use crate::checkpoint::Checkpointer;
+use crate::retention::Policy;
+use crate::store::{Store, StoreError};
+
+/// How often the bounds, the target and the purge are looked at.
+const TICK: Duration = Duration::from_secs(1);
+const TARGET_KEY: &str = "target";
+
+/// The cluster's horizon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Target {
+    /// The last event pruned everywhere: the last event of a stream group.
+    pruned_through: u64,
+    last_pruned_id: Ulid,
+    /// Hex of its hash: the next event's `prev_hash`.
+    last_pruned_hash: String,
+    /// The stream sequence of the message holding `pruned_through`.
+    stream_seq: u64,
+}
+
+/// `applied.<node>`: node names (the default is the listen address) in hex, one KV key
+/// token.
+fn applied_key(node: &str) -> String {
+    let hex: String = node.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("applied.{hex}")
+}
+
+/// The stream sequence of the last message this node's copy has pruned entirely.
+fn pruned_stream_seq(store: &Store) -> Result<u64, StoreError> {
+    let horizon = store.horizon().pruned_through;
+    if horizon == 0 {
+        return Ok(0);
+    }
+    // The group after the horizon begins at horizon + 1 (the horizon is a group's end).
+    Ok(match store.group_at_or_before(horizon + 1)? {
+        Some((first, stream_seq)) if first == horizon + 1 => stream_seq.saturating_sub(1),
+        _ => 0,
+    })
+}
+
+/// Registers this node in `applied` (holding the stream's trim back from now on), checks
+/// that its copy is not behind the stream's first message, and starts the task.
+pub async fn start(
+    status: Arc<Status>,
+    map: SharedMap,
+    checkpoints: Arc<Checkpointer>,
+    policy: Policy,
+    shutdown: CancellationToken,
+) -> Result<(), ClusterError> {
+    let store = status.store.clone();
+    let key = applied_key(&status.node);
+    let mine = pruned_stream_seq(&store).map_err(|e| ClusterError::JetStream(e.to_string()))?;
+    // What this data directory has pruned, whatever an earlier life of this node name
+    // reported: the entry must never claim more than the copy holds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match map.put(&key, mine.to_string().into_bytes()).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "cannot register for retention yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(ClusterError::JetStream(e.to_string())),
+        }
+    }
+    // A purge decided before the entry existed may have passed this copy meanwhile.
+    let position = *status.writer.applied_stream().borrow();
+    if let Err(e) = super::check_not_behind(&status.log, &status.names, position).await {
+        let _ = map.delete(&key).await;
+        return Err(e);
+    }
+    tokio::spawn(run(status, map, checkpoints, policy, key, mine, shutdown));
+    Ok(())
+}
+
+async fn run(
+    status: Arc<Status>,
+    map: SharedMap,
+    checkpoints: Arc<Checkpointer>,
+    policy: Policy,
+    key: String,
+    mut reported: u64,
+    shutdown: CancellationToken,
+) {
+    let policy = Arc::new(policy);
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if status.sequencer.load(Ordering::Relaxed) {
+            if policy.is_bounded()
+                && let Err(e) = decide(&status, &map, &checkpoints, &policy).await
+            {
+                tracing::warn!(error = %e, "retention: the cluster's horizon was not moved");
+            }
+            if let Err(e) = purge(&status, &map).await {
+                tracing::warn!(error = %e, "retention: the stream was not trimmed");
+            }
+        }
+        match follow(&status, &map, &policy, &key, reported).await {
+            Ok(Some(now)) => reported = now,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "retention: not pruned to the cluster's horizon"),
+        }
+    }
+}
+
+/// The target's value and revision (`None`: no horizon yet).
+async fn read_target(map: &SharedMap) -> Result<Option<(Target, u64)>, String> {
+    let Some(entry) = map.get(TARGET_KEY).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let Some(value) = entry.value else {
+        return Ok(None);
+    };
+    let target = serde_json::from_slice(&value)
+        .map_err(|e| format!("the shared retention target does not parse: {e}"))?;
+    Ok(Some((target, entry.revision)))
+}
+
+/// The sequencer: evaluates the bounds on its copy and moves `target` forward.
+async fn decide(
+    status: &Status,
+    map: &SharedMap,
+    checkpoints: &Checkpointer,
+    policy: &Arc<Policy>,
+) -> Result<(), String> {
+    let current = read_target(map).await?;
+    let through = current.as_ref().map_or(0, |(t, _)| t.pruned_through);
+    let covered = checkpoints.latest().size;
+    let (store, policy) = (status.store.clone(), policy.clone());
+    let proposal = tokio::task::spawn_blocking(move || propose(&store, &policy, covered, through))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let Some(target) = proposal else {
+        return Ok(());
+    };
+    let value = serde_json::to_vec(&target).map_err(|e| e.to_string())?;
+    let written = match current {
+        None => map.create(TARGET_KEY, value).await,
+        Some((_, revision)) => map.update(TARGET_KEY, value, revision).await,
+    }
+    .map_err(|e| e.to_string())?;
+    match written {
+        Written::Done(_) => tracing::info!(
+            pruned_through = target.pruned_through,
+            stream_seq = target.stream_seq,
+            "retention: moved the cluster's horizon"
+        ),
+        // Another sequencer wrote meanwhile: look again next tick.
+        Written::Conflict => tracing::info!("retention: the horizon changed meanwhile"),
+    }
+    Ok(())
+}
+
+/// The horizon the bounds ask for now, capped at the signed checkpoint (`covered`) and
+/// below the head, rounded down to a stream group's end; `None` unless it passes
+/// `through`.
+fn propose(
+    store: &Store,
+    policy: &Policy,
+    covered: u64,
+    through: u64,
+) -> Result<Option<Target>, StoreError> {
+    let wanted = policy
+        .target_seq(store, crate::retention::now_ms())?
+        .min(covered)
+        .min(store.head().seq.saturating_sub(1));
+    if wanted <= through {
+        return Ok(None);
+    }
+    let Some((group_first, group_stream_seq)) = store.group_at_or_before(wanted + 1)? else {
+        return Ok(None);
+    };
+    let pruned_through = group_first - 1;
+    if pruned_through <= through {
+        return Ok(None);
+    }
+    let event = store
+        .get_by_seq(pruned_through)?
+        .ok_or_else(|| StoreError::Corrupt(format!("event {pruned_through} is missing")))?;
+    let hash = crate::chain::stated_hash(event.line.as_bytes()).map_err(StoreError::Corrupt)?;
+    Ok(Some(Target {
+        pruned_through,
+        last_pruned_id: event.id,
+        last_pruned_hash: hex::encode(hash),
+        stream_seq: group_stream_seq - 1,
+    }))
+}
+
+/// The sequencer: trims the stream below what every registered node has pruned.
+async fn purge(status: &Status, map: &SharedMap) -> Result<(), String> {
+    let entries = map.all().await.map_err(|e| e.to_string())?;
+    let mut lowest: Option<u64> = None;
+    for entry in &entries {
+        if !entry.key.starts_with("applied.") {
+            continue;
+        }
+        let Some(value) = &entry.value else { continue };
+        let seq = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("{} holds no stream sequence", entry.key))?;
+        lowest = Some(lowest.map_or(seq, |l| l.min(seq)));
+    }
+    let Some(lowest) = lowest.filter(|&l| l > 0) else {
+        return Ok(());
+    };
+    let first = status
+        .log
+        .get_info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .first_sequence;
+    if first > lowest {
+        return Ok(());
+    }
+    // "Up to but not including": messages ≤ lowest go.
+    let purged = status
+        .log
+        .purge()
+        .sequence(lowest + 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        below = lowest + 1,
+        messages = purged.purged,
+        "retention: trimmed the stream"
+    );
+    Ok(())
+}
+
+/// Every node: prunes through the target once its copy holds a later event, then
+/// reports it. Returns the newly reported value.
+async fn follow(
+    status: &Status,
+    map: &SharedMap,
+    policy: &Policy,
+    key: &str,
+    reported: u64,
+) -> Result<Option<u64>, String> {
+    let Some((target, _)) = read_target(map).await? else {
+        return Ok(None);
+    };
+    let store = status.store.clone();
+    let through = store.horizon().pruned_through;
+    if target.pruned_through > through && store.head().seq > target.pruned_through {
+        let archive = policy.archive.clone();
+        let s = target.pruned_through;
+        let store = store.clone();
+        // The target is covered by a checkpoint the sequencer signed (one key, one log).
+        tokio::task::spawn_blocking(move || {
+            crate::retention::prune_to(&store, s, Ulid(u128::MAX), s, archive.as_deref())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    }
+    let through = store.horizon().pruned_through;
+    if through != target.pruned_through || reported >= target.stream_seq {
+        if through > target.pruned_through
+            || (through < target.pruned_through && store.head().seq > target.pruned_through)
+        {
+            // Chunks written before groups were stored apart can straddle the target.
+            tracing::warn!(
+                horizon = through,
+                target = target.pruned_through,
+                "retention: this copy's horizon differs from the cluster's"
+            );
+        }
+        return Ok(None);
+    }
+    map.put(key, target.stream_seq.to_string().into_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        pruned_through = through,
+        stream_seq = target.stream_seq,
+        "retention: pruned to the cluster's horizon"
+    );
+    Ok(Some(target.stream_seq))
+}
