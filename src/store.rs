@@ -466,6 +466,24 @@ impl CommitBatch {
         }
     }
 
+    /// Adds consecutive events that `encoded` already holds as one chunk (`encode_chunk`
+    /// of exactly these events, as a cluster stream message carries them): stored as it
+    /// is when it is within one chunk's limits, packed as [`CommitBatch::add_events`]
+    /// does otherwise.
+    pub fn add_encoded_events(&mut self, events: &[Event], encoded: &[u8]) {
+        let Some(first) = events.first() else {
+            return;
+        };
+        if events.len() > CHUNK_EVENTS || encoded.len() > MAX_VALUE_BYTES {
+            self.add_events(events);
+            return;
+        }
+        self.chunk_bytes += encoded.len() as u64;
+        self.batch.insert(&event_key(first.id)[..], encoded);
+        self.batch
+            .insert(&seq_key(first.seq)[..], &first.id.0.to_be_bytes()[..]);
+    }
+
     /// Adds one chunk, halving it until each compressed value fits `MAX_VALUE_BYTES`
     /// (a single event larger than that is stored alone).
     fn add_chunk(&mut self, events: &[Event]) {
@@ -1649,6 +1667,37 @@ mod tests {
         }
         // The first chunk ever written has no ratio to go by.
         assert_eq!(splits[1..], [0; 4], "splits per group: {splits:?}");
+    }
+
+    /// A cluster node stores a stream message's chunk as received when it fits one
+    /// chunk, and packs the events itself when it does not; either way they read back.
+    #[test]
+    fn encoded_groups_are_stored_as_received_or_repacked() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(DataDir::lock(tmp.path()).expect("lock")).expect("open");
+        let all = events(900, 200);
+        let (small, large) = all.split_at(30);
+        let mut batch = CommitBatch::default();
+        let encoded = encode_chunk(small);
+        batch.add_encoded_events(small, &encoded);
+        assert_eq!(batch.chunk_bytes, encoded.len() as u64, "stored as received");
+        let before = batch.chunk_bytes;
+        // 870 incompressible events: over CHUNK_EVENTS and MAX_VALUE_BYTES.
+        batch.add_encoded_events(large, &encode_chunk(large));
+        let chunks = large.len().div_ceil(CHUNK_EVENTS);
+        assert!(batch.chunk_bytes > before);
+        store.apply(batch).expect("apply");
+        store.sync().expect("sync");
+        store.set_committed(Head::of(all.last().expect("events")).expect("head"));
+        let stored_chunks = store.log.scan_prefix([EVENT_PREFIX]).count();
+        assert!(
+            stored_chunks > chunks,
+            "the large group was repacked into chunks under the limits ({stored_chunks})"
+        );
+        for probe in [1, 30, 31, 500, 900] {
+            let event = store.get_by_seq(probe).expect("read").expect("present");
+            assert_eq!(event, all[probe as usize - 1]);
+        }
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub struct StreamGroup {
     /// The stream sequence of the message that carried it.
     pub stream_seq: u64,
     pub events: Vec<Event>,
+    /// The events as the message carried them: `store::encode_chunk(&events)`, stored
+    /// as it is when it fits one chunk (no second compression).
+    pub chunk: Vec<u8>,
     pub idempotency: Vec<SealedKey>,
 }
 
@@ -465,11 +468,19 @@ pub fn seal_group(
     sealed
 }
 
-/// Cluster mode: where a batch of stream groups brings the copy, and each group's
-/// (first seq, stream sequence, event count).
+/// Cluster mode: where a batch of stream groups brings the copy, and its groups.
 struct StreamBatch {
     position: u64,
-    groups: Vec<(u64, u64, usize)>,
+    groups: Vec<StoredGroup>,
+}
+
+/// One stream group of a [`StreamBatch`]: its first seq, stream sequence, event count
+/// and its events' encoded chunk.
+struct StoredGroup {
+    first_seq: u64,
+    stream_seq: u64,
+    len: usize,
+    chunk: Vec<u8>,
 }
 
 impl WriterState {
@@ -573,10 +584,10 @@ impl WriterState {
                 // Each group its own chunks: group ends are chunk ends on every node, so
                 // a cluster-wide horizon (always a group's end) prunes the same everywhere.
                 let mut rest = events;
-                for &(first_seq, stream_seq, len) in &stream.groups {
-                    let (group, after) = rest.split_at(len.min(rest.len()));
-                    batch.add_events(group);
-                    batch.add_group_start(first_seq, stream_seq);
+                for group in &stream.groups {
+                    let (events, after) = rest.split_at(group.len.min(rest.len()));
+                    batch.add_encoded_events(events, &group.chunk);
+                    batch.add_group_start(group.first_seq, group.stream_seq);
                     rest = after;
                 }
                 batch.set_stream_position(stream.position);
@@ -605,7 +616,8 @@ impl WriterState {
         for group in groups {
             if let Err(reason) = self.continue_chain(&group.events, &mut hashes) {
                 let message = format!(
-                    "this node's copy of the log disagrees with the cluster's stream at                      stream sequence {}: {reason}; it stopped serving",
+                    "this node's copy of the log disagrees with the cluster's stream at \
+                     stream sequence {}: {reason}; it stopped serving",
                     group.stream_seq
                 );
                 tracing::error!("{message}");
@@ -614,7 +626,12 @@ impl WriterState {
                 return;
             }
             if let Some(first) = group.events.first() {
-                layout.push((first.seq, group.stream_seq, group.events.len()));
+                layout.push(StoredGroup {
+                    first_seq: first.seq,
+                    stream_seq: group.stream_seq,
+                    len: group.events.len(),
+                    chunk: group.chunk,
+                });
             }
             events.extend(group.events);
             idempotency.extend(group.idempotency);

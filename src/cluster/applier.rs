@@ -114,6 +114,7 @@ async fn follow(
             Ok(StreamGroup {
                 stream_seq,
                 events,
+                chunk: g.events,
                 idempotency: g.idempotency,
             })
         });
