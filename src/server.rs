@@ -90,6 +90,41 @@ pub enum ServeError {
     },
 }
 
+impl ServeError {
+    /// A cluster call that failed on NATS's side rather than on this node's data: JetStream
+    /// answers 10008 ("temporarily unavailable") for a while after an outage or a leader
+    /// election, and a node started then should wait it out, not exit.
+    fn is_transient(&self) -> bool {
+        use crate::{auth::AuthError, checkpoint::CheckpointError, cluster::ClusterError};
+        matches!(
+            self,
+            ServeError::Checkpoint(CheckpointError::Shared(_))
+                | ServeError::Auth(AuthError::Shared(_))
+                | ServeError::Cluster(ClusterError::JetStream(_))
+        )
+    }
+}
+
+/// Runs one cluster start-up step again while it fails for a transient reason, for up to
+/// 30 s; any other error (a foreign signing key, a broken token record) ends the start at
+/// once.
+async fn retry_while_unavailable<T, F, Fut>(what: &str, mut step: F) -> Result<T, ServeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ServeError>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match step().await {
+            Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "cannot read {what} yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Re-derives the chain of the newest events; a break means the data was altered or
 /// damaged outside cairn, and serving (or appending to) it would hide that.
 pub fn check_tail(store: &Store, dir: &std::path::Path) -> Result<(), ServeError> {
@@ -156,8 +191,12 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 None => store.set_cluster_stream(&cluster_opts.stream)?,
             }
             let connection = crate::cluster::connect(cluster_opts).await?;
-            let config = connection.shared.map("config").await?;
-            checkpoint::share_key(&config, &opts.data, opts.origin.as_deref()).await?;
+            retry_while_unavailable("the cluster's signing key", || async {
+                let config = connection.shared.map("config").await?;
+                checkpoint::share_key(&config, &opts.data, opts.origin.as_deref()).await?;
+                Ok(())
+            })
+            .await?;
             Some(connection)
         }
         None => None,
@@ -206,34 +245,27 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             )
             .await?;
             writer.forward_to(cluster.forwarder.clone());
-            // JetStream answers 10008 ("temporarily unavailable") for a while after an
-            // outage: a starting node retries rather than exiting.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                let joined = crate::auth::join_cluster(
+            retry_while_unavailable("the cluster's tokens", || async {
+                crate::auth::join_cluster(
                     tokens.clone(),
                     cluster.shared.map("tokens").await?,
                     &cluster_opts.node,
                     opts.auth.then_some(admin_file.as_path()),
                     cluster_stop.clone(),
                 )
-                .await;
-                match joined {
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        tracing::info!(error = %e, "cannot read the cluster's tokens yet; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    }
-                    other => {
-                        other?;
-                        break;
-                    }
-                }
-            }
+                .await?;
+                Ok(())
+            })
+            .await?;
             // Retention is one decision for the cluster: every node follows it, whatever
             // its own flags (the sequencer's bounds decide; --archive is per node).
+            let retention = retry_while_unavailable("the cluster's retention", || async {
+                Ok(cluster.shared.map("retention").await?)
+            })
+            .await?;
             crate::cluster::start_retention(
                 cluster.status.clone(),
-                cluster.shared.map("retention").await?,
+                retention,
                 checkpoints.clone(),
                 opts.retention.clone(),
                 cluster_stop.clone(),

@@ -147,13 +147,18 @@ impl Head {
     /// The head after `event`, whose line holds its hash and timestamp.
     pub fn of(event: &Event) -> Result<Head> {
         let info = chain::inspect_line(event.line.as_bytes()).map_err(StoreError::Corrupt)?;
+        Head::after(event, info.stated_hash)
+    }
+
+    /// The head after `event`, whose hash the caller has already read from its line.
+    pub fn after(event: &Event, hash: [u8; 32]) -> Result<Head> {
         let timestamp = serde_json::from_str::<TimestampOnly>(&event.line)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?
             .timestamp;
         Ok(Head {
             seq: event.seq,
             id: Some(event.id),
-            hash: info.stated_hash,
+            hash,
             timestamp: Some(timestamp),
         })
     }

@@ -356,12 +356,18 @@ pub struct Sealed {
     pub outcomes: Vec<Result<Appended, AppendError>>,
 }
 
+/// Idempotency keys sealed but not yet in the store, by (token id, key): the requests
+/// before this one in the group, and in cluster mode also the groups the stream
+/// acknowledged that this node has not applied yet.
+pub type UnstoredKeys = HashMap<(String, String), IdempotencyRecord>;
+
 /// Gives each event its id, seq and hash after `head` (advanced over them) and decides
-/// each idempotency key against the store and the requests before it in the group.
-/// The single node's writer and the cluster's sequencer both seal this way.
+/// each idempotency key against `unstored`, then the store; each new key is added to
+/// `unstored`. The single node's writer and the cluster's sequencer both seal this way.
 pub fn seal_group(
     head: &mut Head,
     store: &Store,
+    unstored: &mut UnstoredKeys,
     requests: Vec<(Vec<NewEvent>, Option<IdempotencyKey>)>,
 ) -> Sealed {
     let mut sealed = Sealed {
@@ -370,11 +376,9 @@ pub fn seal_group(
         idempotency: Vec::new(),
         outcomes: Vec::with_capacity(requests.len()),
     };
-    // Keys used earlier in this same group (not yet in the store).
-    let mut group_keys: HashMap<(String, String), IdempotencyRecord> = HashMap::new();
     for (events, idempotency) in requests {
         if let Some(key) = &idempotency {
-            let earlier = match group_keys.get(&(key.token_id.clone(), key.key.clone())) {
+            let earlier = match unstored.get(&(key.token_id.clone(), key.key.clone())) {
                 Some(r) => Ok(Some(r.clone())),
                 None => store.idempotency(&key.token_id, &key.key),
             };
@@ -448,7 +452,7 @@ pub fn seal_group(
                 last_seq: head.seq,
                 created_unix_ms: now_ms,
             };
-            group_keys.insert((key.token_id.clone(), key.key.clone()), record.clone());
+            unstored.insert((key.token_id.clone(), key.key.clone()), record.clone());
             sealed.idempotency.push((key.token_id, key.key, record));
         }
         sealed.outcomes.push(Ok(Appended::New {
@@ -514,7 +518,12 @@ impl WriterState {
             .into_iter()
             .map(|r| (r.reply, (r.events, r.idempotency)))
             .unzip();
-        let sealed = seal_group(&mut self.head, &self.store, bodies);
+        let sealed = seal_group(
+            &mut self.head,
+            &self.store,
+            &mut UnstoredKeys::new(),
+            bodies,
+        );
         let mut replies: Vec<_> = replies.into_iter().zip(sealed.outcomes).collect();
         let mut all_events = sealed.events;
         if let Err(e) = self.store_events(
@@ -663,7 +672,13 @@ impl WriterState {
                 return Err(format!("event seq {expected} has a wrong hash"));
             }
             hashes.push(info.stated_hash);
-            self.head = Head::of(event).map_err(|e| e.to_string())?;
+            // Only the last event's timestamp is needed: read it once, below.
+            self.head.seq = expected;
+            self.head.id = Some(event.id);
+            self.head.hash = info.stated_hash;
+        }
+        if let (Some(last), Some(&hash)) = (events.last(), hashes.last()) {
+            self.head = Head::after(last, hash).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -94,8 +94,21 @@ fn assert_same_log(nodes: &[&Server], expected_events: u64) {
             "seqs are contiguous"
         );
     }
+    let head = nodes[0].head();
+    let newest: Value = serde_json::from_str(first.last().expect("events")).expect("json");
+    for member in ["seq", "id", "hash", "timestamp"] {
+        assert_eq!(
+            head[member], newest[member],
+            "the head is the newest event's"
+        );
+    }
     for n in &nodes[1..] {
         assert_eq!(n.export_lines(), first, "exports are byte-identical");
+        assert_eq!(
+            n.head(),
+            head,
+            "heads (seq, id, hash, timestamp) are the same"
+        );
     }
     for n in nodes {
         let (status, verify) = n.get("/v1/verify");
@@ -146,6 +159,27 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
     let (status, reused) = post(&b, &batch("other", 1), Some("key-1"));
     assert_eq!(status, 422, "{reused}");
 
+    // The same key sent to two nodes at once: the sequencer seals groups ahead of its
+    // own copy, so the second request may come in the group after the first, before
+    // that one is stored anywhere. Either way the key appends once.
+    for round in 0..30 {
+        let key = format!("race-{round}");
+        let (from_a, from_c) = std::thread::scope(|scope| {
+            let a_post = scope.spawn(|| post(&a, &batch("race", 1), Some(&key)));
+            let c_post = scope.spawn(|| post(&c, &batch("race", 1), Some(&key)));
+            (
+                a_post.join().expect("post on a"),
+                c_post.join().expect("post on c"),
+            )
+        });
+        assert_eq!(from_a.0, 201, "{}", from_a.1);
+        assert_eq!(from_c.0, 201, "{}", from_c.1);
+        assert_eq!(
+            from_a.1["data"]["first_seq"], from_c.1["data"]["first_seq"],
+            "round {round}: one key, two appends"
+        );
+    }
+
     // The answering node serves what it acknowledged at once.
     let (status, fresh) = post(&b, &batch("fresh", 1), None);
     assert_eq!(status, 201, "{fresh}");
@@ -153,7 +187,7 @@ fn three_nodes_serve_one_log_and_a_new_node_catches_up() {
     let (status, got) = b.get(&format!("/v1/events/{id}"));
     assert_eq!(status, 200, "{got}");
 
-    let total = 604;
+    let total = 634;
     assert_same_log(&nodes, total);
 
     // Equal checkpoints at equal sizes (one key, deterministic signatures).

@@ -7,9 +7,10 @@
 //! and steps down. A retried append carries the same `Nats-Msg-Id` (the hex of its last
 //! event's hash) and the same expectation, so the stream's duplicate window absorbs it.
 //!
-//! A group is sealed only on the store's head when the store has applied the stream's
-//! last message: the sequencer waits for its own applier between groups. Requests that
-//! arrive meanwhile form the next group, as on a single node.
+//! Groups are sealed on the head the stream acknowledged last, kept in memory, not on
+//! the store's: the sequencer does not wait for its own applier between groups (up to
+//! [`MAX_AHEAD`] messages ahead of it). One fenced publish is in flight at a time;
+//! requests that arrive meanwhile form the next group, as on a single node.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,6 +33,9 @@ pub(super) const LEASE_KEY: &str = "sequencer";
 const MAX_GROUP_REQUESTS: usize = 1024;
 /// Room for headers and the message's framing under the servers' `max_payload`.
 const MESSAGE_OVERHEAD: usize = 4096;
+/// How many acknowledged messages the sequencer may seal past before its own copy has
+/// applied them: bounds the keys it remembers and how far a slow disk lets it run.
+const MAX_AHEAD: u64 = 64;
 /// How long a new sequencer waits for its copy to reach the stream's head.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(10);
 
@@ -113,13 +117,14 @@ impl Sequencer {
 
     async fn lead(&self, lost: &CancellationToken, shutdown: &CancellationToken) -> StepDown {
         // Take over: the stream's last message, read from its leader, then our copy of it.
-        let mut last = match self.log.get_info().await {
+        let last = match self.log.get_info().await {
             Ok(info) => info.state.last_sequence,
             Err(e) => return StepDown::Failed(format!("cannot read the stream's head: {e}")),
         };
         if !self.wait_applied(last, TAKE_OVER_WAIT, lost).await {
             return StepDown::Failed(format!("this node has not applied stream message {last}"));
         }
+        let mut ahead = Ahead::at(last, self.store.head());
         let mut requests = match self
             .client
             .queue_subscribe(self.names.ingest_for(&self.status.node), "sequencer".into())
@@ -147,33 +152,48 @@ impl Sequencer {
                     _ => break,
                 }
             }
-            // Seal only on a head the store has applied: the stream's last message.
-            if !self.wait_applied(last, TAKE_OVER_WAIT, lost).await {
+            // Groups are sealed on the head the stream acknowledged, not on this node's
+            // store: bounded, so that a slow copy holds the sequencer back.
+            let behind_limit = ahead.last.saturating_sub(MAX_AHEAD);
+            if !self.wait_applied(behind_limit, TAKE_OVER_WAIT, lost).await {
                 self.answer_retry(batch.iter().filter_map(|m| m.reply.clone()).collect())
                     .await;
                 return StepDown::Failed(format!(
-                    "this node has not applied stream message {last}"
+                    "this node has not applied stream message {behind_limit}"
                 ));
             }
+            ahead.forget_applied(*self.writer.applied_stream().borrow());
             match self
-                .append_batch(batch, &mut last, message_limit, lost)
+                .append_batch(batch, &mut ahead, message_limit, lost)
                 .await
             {
-                Ok(()) => {}
+                Ok(Published::All) => {}
+                Ok(Published::Partly) => {
+                    // The in-memory head ran past what the stream holds: start again from
+                    // this node's copy once it has the stream's last message.
+                    if !self.wait_applied(ahead.last, TAKE_OVER_WAIT, lost).await {
+                        return StepDown::Failed(format!(
+                            "this node has not applied stream message {}",
+                            ahead.last
+                        ));
+                    }
+                    ahead = Ahead::at(ahead.last, self.store.head());
+                }
                 Err(why) => return why,
             }
         }
     }
 
-    /// Seals the batch's requests, appends them as one or more fenced messages, and
-    /// answers each request once its message is acknowledged.
+    /// Seals the batch's requests on `ahead`'s head, appends them as one or more fenced
+    /// messages, and answers each request once its message is acknowledged. Once a
+    /// message cannot be appended, the requests sealed after it are answered "retry".
     async fn append_batch(
         &self,
         batch: Vec<async_nats::Message>,
-        last: &mut u64,
+        ahead: &mut Ahead,
         message_limit: usize,
         lost: &CancellationToken,
-    ) -> Result<(), StepDown> {
+    ) -> Result<Published, StepDown> {
         let mut replies = Vec::new();
         let mut bodies = Vec::new();
         for message in batch {
@@ -194,76 +214,27 @@ impl Sequencer {
                 }
             }
         }
-        let mut head = self.store.head();
-        let sealed = writer::seal_group(&mut head, &self.store, bodies);
-        let mut events = sealed.events.into_iter();
-        let mut keys = sealed.idempotency.into_iter().peekable();
-        // One message per run of requests that fits under the payload limit; a request
-        // larger than the limit goes alone.
-        let mut pending: Vec<(async_nats::Subject, Result<Appended, AppendError>)> = Vec::new();
-        let mut message = Parts::default();
-        let mut outcomes = replies.into_iter().zip(sealed.outcomes).peekable();
-        while let Some((reply, outcome)) = outcomes.next() {
-            if let Ok(Appended::New {
-                first_seq,
-                last_seq,
-                ..
-            }) = &outcome
-            {
-                let count = (last_seq - first_seq + 1) as usize;
-                let request_events: Vec<_> = events.by_ref().take(count).collect();
-                let request_bytes = plain_bytes(&request_events);
-                if !message.events.is_empty()
-                    && plain_bytes(&message.events) + request_bytes > message_limit
-                {
-                    let parts = std::mem::take(&mut message);
-                    let answers = std::mem::take(&mut pending);
-                    if let Err(why) = self
-                        .publish_parts(parts, answers, last, message_limit, lost)
-                        .await
-                    {
-                        self.answer_retry(
-                            std::iter::once(reply)
-                                .chain(outcomes.map(|(to, _)| to))
-                                .collect(),
-                        )
-                        .await;
-                        return Err(why);
-                    }
+        let sealed = writer::seal_group(&mut ahead.head, &self.store, &mut ahead.keys, bodies);
+        let mut messages = split_into_messages(replies, sealed, message_limit).into_iter();
+        while let Some(message) = messages.next() {
+            let published = self
+                .publish_parts(message, ahead, message_limit, lost)
+                .await;
+            match published {
+                Ok(true) => {}
+                // The rest was sealed after events that were not published: none of it
+                // may be. Nothing of it was appended; the forwarders retry it.
+                Ok(false) => {
+                    self.answer_retry(reply_subjects(messages)).await;
+                    return Ok(Published::Partly);
                 }
-                message.events.extend(request_events);
-                while keys
-                    .peek()
-                    .is_some_and(|(_, _, r)| r.first_seq == *first_seq)
-                {
-                    message.keys.extend(keys.next());
-                }
-            }
-            pending.push((reply, outcome));
-            if plain_bytes(&message.events) >= message_limit || outcomes.peek().is_none() {
-                let parts = std::mem::take(&mut message);
-                let answers = std::mem::take(&mut pending);
-                match self
-                    .publish_parts(parts, answers, last, message_limit, lost)
-                    .await
-                {
-                    Ok(true) => {}
-                    // The rest was sealed after events that were not published: none of
-                    // it may be. Nothing of it was appended; the forwarders retry it.
-                    Ok(false) => {
-                        self.answer_retry(outcomes.map(|(to, _)| to).collect())
-                            .await;
-                        return Ok(());
-                    }
-                    Err(why) => {
-                        self.answer_retry(outcomes.map(|(to, _)| to).collect())
-                            .await;
-                        return Err(why);
-                    }
+                Err(why) => {
+                    self.answer_retry(reply_subjects(messages)).await;
+                    return Err(why);
                 }
             }
         }
-        Ok(())
+        Ok(Published::All)
     }
 
     /// Appends one message (if it holds events) and answers its requests. `Ok(false)`:
@@ -271,19 +242,21 @@ impl Sequencer {
     async fn publish_parts(
         &self,
         parts: Parts,
-        answers: Vec<(async_nats::Subject, Result<Appended, AppendError>)>,
-        last: &mut u64,
+        ahead: &mut Ahead,
         message_limit: usize,
         lost: &CancellationToken,
     ) -> Result<bool, StepDown> {
         let Some(newest) = parts.events.last() else {
-            self.answer(answers).await;
+            self.answer(parts.answers).await;
             return Ok(true);
         };
         let msg_id = match crate::chain::stated_hash(newest.line.as_bytes()) {
             Ok(h) => hex::encode(h),
             Err(e) => return Err(StepDown::Failed(format!("a sealed event has no hash: {e}"))),
         };
+        let key_names: Vec<(String, String)> = (parts.keys.iter())
+            .map(|(token, key, _)| (token.clone(), key.clone()))
+            .collect();
         let payload = GroupMessage {
             events: crate::store::encode_chunk(&parts.events),
             idempotency: parts.keys,
@@ -296,17 +269,20 @@ impl Sequencer {
                  take {message_limit}",
                 payload.len()
             );
-            let answers = answers
-                .into_iter()
+            let answers = (parts.answers.into_iter())
                 .map(|(r, _)| (r, Err(AppendError::TooLarge(why.clone()))))
                 .collect();
             self.answer(answers).await;
             return Ok(false);
         }
-        match self.publish(payload.into(), &msg_id, *last, lost).await {
+        match self
+            .publish(payload.into(), &msg_id, ahead.last, lost)
+            .await
+        {
             Ok(seq) => {
-                *last = seq;
-                self.answer(answers).await;
+                ahead.last = seq;
+                ahead.by_message.push_back((seq, key_names));
+                self.answer(parts.answers).await;
                 Ok(true)
             }
             Err(why) => {
@@ -318,7 +294,7 @@ impl Sequencer {
                             .into(),
                     ),
                 };
-                for (to, _) in answers {
+                for (to, _) in parts.answers {
                     let _ = self.client.publish(to, reply.encode()).await;
                 }
                 Err(why)
@@ -433,11 +409,104 @@ impl Sequencer {
     }
 }
 
-/// One stream message being assembled.
+/// One stream message: its events, their idempotency keys, and the answers owed once
+/// the stream has it.
 #[derive(Default)]
 struct Parts {
     events: Vec<crate::event::Event>,
     keys: Vec<writer::SealedKey>,
+    answers: Vec<(async_nats::Subject, Result<Appended, AppendError>)>,
+}
+
+/// Cuts a sealed batch into messages under `message_limit`: one per run of requests that
+/// fits, a request larger than the limit alone. Requests that appended nothing (replays,
+/// refusals) are answered with the message they were sealed in.
+fn split_into_messages(
+    replies: Vec<async_nats::Subject>,
+    sealed: writer::Sealed,
+    message_limit: usize,
+) -> Vec<Parts> {
+    let mut messages = Vec::new();
+    let mut message = Parts::default();
+    let mut events = sealed.events.into_iter();
+    let mut keys = sealed.idempotency.into_iter().peekable();
+    for (reply, outcome) in replies.into_iter().zip(sealed.outcomes) {
+        if let Ok(Appended::New {
+            first_seq,
+            last_seq,
+            ..
+        }) = &outcome
+        {
+            let count = (last_seq - first_seq + 1) as usize;
+            let request_events: Vec<_> = events.by_ref().take(count).collect();
+            if !message.events.is_empty()
+                && plain_bytes(&message.events) + plain_bytes(&request_events) > message_limit
+            {
+                messages.push(std::mem::take(&mut message));
+            }
+            message.events.extend(request_events);
+            while keys
+                .peek()
+                .is_some_and(|(_, _, r)| r.first_seq == *first_seq)
+            {
+                message.keys.extend(keys.next());
+            }
+        }
+        message.answers.push((reply, outcome));
+        if plain_bytes(&message.events) >= message_limit {
+            messages.push(std::mem::take(&mut message));
+        }
+    }
+    if !message.answers.is_empty() {
+        messages.push(message);
+    }
+    messages
+}
+
+fn reply_subjects(messages: impl Iterator<Item = Parts>) -> Vec<async_nats::Subject> {
+    messages
+        .flat_map(|m| m.answers.into_iter().map(|(to, _)| to))
+        .collect()
+}
+
+/// How much of a batch reached the stream, when the sequencer goes on leading.
+enum Published {
+    All,
+    /// A message was refused as too large: the messages sealed after it were not sent.
+    Partly,
+}
+
+/// What the sequencer has sealed beyond this node's store: the stream's head as
+/// acknowledged, and the idempotency keys of acknowledged messages not yet applied here
+/// (so a key repeated before its first use reaches the store is still recognised).
+struct Ahead {
+    /// Stream sequence of the last acknowledged message.
+    last: u64,
+    /// The log's head after it.
+    head: crate::store::Head,
+    keys: writer::UnstoredKeys,
+    /// The keys each acknowledged message carried, oldest first.
+    by_message: std::collections::VecDeque<(u64, Vec<(String, String)>)>,
+}
+
+impl Ahead {
+    fn at(last: u64, head: crate::store::Head) -> Self {
+        Ahead {
+            last,
+            head,
+            keys: writer::UnstoredKeys::new(),
+            by_message: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Drops the keys of messages this node has applied: the store answers for them now.
+    fn forget_applied(&mut self, applied: u64) {
+        while let Some((_, names)) = self.by_message.pop_front_if(|(seq, _)| *seq <= applied) {
+            for name in names {
+                self.keys.remove(&name);
+            }
+        }
+    }
 }
 
 /// Events' size before compression: LZ4 shrinks event JSON well, so a message closed

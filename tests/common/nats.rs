@@ -118,17 +118,31 @@ impl NatsCluster {
     pub fn restart(&mut self, i: usize) {
         let binary = nats_server_binary().expect("nats-server is installed");
         let server = &mut self.servers[i];
+        let log_path = server.config.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("nats-server log file");
         let child = Command::new(binary)
             .arg("-c")
             .arg(&server.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn nats-server");
         server.child = Some(child);
         let port = server.client_port;
-        wait_until(Duration::from_secs(10), "nats-server to listen", || {
+        // A server recovering its JetStream data on a loaded 2-core machine can take a
+        // while; one that exited (a port taken meanwhile) says why in its log.
+        wait_until(Duration::from_secs(30), "nats-server to listen", || {
+            if let Some(Ok(Some(status))) = server.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "nats-server n{i} exited ({status}):\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
     }
