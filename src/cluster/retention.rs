@@ -120,17 +120,28 @@ async fn run(
             if policy.is_bounded()
                 && let Err(e) = decide(&status, &map, &checkpoints, &policy).await
             {
-                tracing::warn!(error = %e, "retention: the cluster's horizon was not moved");
+                failed(&status, "the cluster's horizon was not moved", &e);
             }
             if let Err(e) = purge(&status, &map).await {
-                tracing::warn!(error = %e, "retention: the stream was not trimmed");
+                failed(&status, "the stream was not trimmed", &e);
             }
         }
         match follow(&status, &map, &policy, &key, reported).await {
             Ok(Some(now)) => reported = now,
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "retention: not pruned to the cluster's horizon"),
+            Err(e) => failed(&status, "not pruned to the cluster's horizon", &e),
         }
+    }
+}
+
+/// A tick's failure, retried next tick: a warning while NATS answers; while this node
+/// cannot reach it (reported by `/healthz` and the cluster's own logs), only at debug,
+/// rather than three warnings a second for the whole outage.
+fn failed(status: &Status, what: &str, error: &str) {
+    if status.reachable.load(Ordering::Relaxed) {
+        tracing::warn!(error, "retention: {what}");
+    } else {
+        tracing::debug!(error, "retention: {what}");
     }
 }
 
