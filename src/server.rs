@@ -240,7 +240,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                     }
                 }
             }
-            Some(cluster.status)
+            Some((cluster, cluster_opts))
         }
         _ => None,
     };
@@ -254,7 +254,46 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             durable: opts.sync != SyncMode::None,
         },
         shutdown.child_token(),
+        cluster.is_some(),
     )?);
+    if let Some((cluster, cluster_opts)) = &cluster {
+        // Retried like the tokens: JetStream answers 10008 for a while after an outage.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let joined = async {
+                let defs = cluster.shared.map("webhooks").await?;
+                let leases = cluster
+                    .shared
+                    .map_with_ttl("webhook-leases", cluster_opts.webhook_lease)
+                    .await?;
+                crate::webhook::join_cluster(
+                    &webhooks,
+                    defs,
+                    leases,
+                    cluster.status.clone(),
+                    crate::webhook::ClusterSettings {
+                        node: cluster_opts.node.clone(),
+                        lease: cluster_opts.webhook_lease,
+                    },
+                    &store,
+                )
+                .await
+                .map_err(ServeError::from)
+            }
+            .await;
+            match joined {
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::info!(error = %e, "cannot read the cluster's webhooks yet; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
+    }
+    let cluster = cluster.map(|(cluster, _)| cluster.status);
     let state = AppState {
         store: store.clone(),
         writer,
