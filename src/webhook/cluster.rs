@@ -127,8 +127,8 @@ enum Ended {
 
 /// Cluster mode: this node's webhooks become the cluster's. A node that was a single
 /// node brings its stored webhooks (moved into the map, unless already there); then it
-/// follows the map and waits (briefly) until it has every webhook, so `GET` lists them
-/// all once it serves. Call again on a 10008 ("temporarily unavailable") error: every
+/// follows the map (without waiting: webhooks appear here as they are read, within
+/// moments normally). Call again on a 10008 ("temporarily unavailable") error: every
 /// step before the follow can be repeated.
 pub async fn join_cluster(
     hooks: &Arc<Webhooks>,
@@ -180,14 +180,13 @@ pub async fn join_cluster(
             };
         }
     });
-    if tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "the cluster's webhooks are not all read yet; they will appear when they are"
-        );
-    }
+    // Not awaited: right after a NATS outage the bucket may take seconds to answer, and a
+    // start must not wait for it (the webhooks appear as they are read).
+    tokio::spawn(async move {
+        if synced.wait_for(|s| *s).await.is_ok() {
+            tracing::info!("read every webhook of the cluster");
+        }
+    });
     Ok(())
 }
 
