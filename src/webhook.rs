@@ -783,6 +783,20 @@ impl Webhooks {
         views
     }
 
+    /// `GET /v1/webhooks/{id}`: in cluster mode, a webhook delivered by another node
+    /// shows that node's failures (from its lease).
+    pub async fn view(&self, id: &str) -> Option<View> {
+        let (view, here) = {
+            let hooks = self.hooks();
+            let running = hooks.get(id)?;
+            (lock(&running.live).view(), running.task.is_some())
+        };
+        match self.cluster.get() {
+            Some(cluster) if !here => Some(cluster.show_remote(view).await),
+            _ => Some(view),
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<View> {
         self.hooks().get(id).map(|r| lock(&r.live).view())
     }

@@ -33,11 +33,13 @@ struct Received {
     acked: bool,
 }
 
-/// Answers every request 200 after `delay` (so that a kill lands mid-delivery).
+/// Answers every request 200 after `delay` (so that a kill lands mid-delivery), or 500
+/// while `failing`.
 struct Receiver {
     url: String,
     got: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
 }
 
 impl Receiver {
@@ -46,18 +48,24 @@ impl Receiver {
         let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (g, s) = (got.clone(), stop.clone());
+        let failing = Arc::new(AtomicBool::new(false));
+        let (g, s, f) = (got.clone(), stop.clone(), failing.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let g = g.clone();
-                std::thread::spawn(move || serve(conn, delay, &g));
+                let (g, f) = (g.clone(), f.clone());
+                std::thread::spawn(move || serve(conn, delay, &g, &f));
             }
         });
-        Receiver { url, got, stop }
+        Receiver {
+            url,
+            got,
+            stop,
+            failing,
+        }
     }
 
     fn requests(&self) -> Vec<Received> {
@@ -89,7 +97,7 @@ impl Drop for Receiver {
 }
 
 /// One connection: HTTP/1.1 requests with Content-Length bodies, keep-alive.
-fn serve(conn: TcpStream, delay: Duration, got: &Mutex<Vec<Received>>) {
+fn serve(conn: TcpStream, delay: Duration, got: &Mutex<Vec<Received>>, failing: &AtomicBool) {
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut writer = conn;
     loop {
@@ -129,6 +137,13 @@ fn serve(conn: TcpStream, delay: Duration, got: &Mutex<Vec<Received>>) {
             g.len() - 1
         };
         std::thread::sleep(delay);
+        if failing.load(Ordering::Relaxed) {
+            let response = "HTTP/1.1 500 X\r\ncontent-length: 4\r\n\r\nnope";
+            if writer.write_all(response.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
         let response = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
         if writer.write_all(response.as_bytes()).is_err() {
             return;
@@ -379,7 +394,27 @@ fn one_node_delivers_and_another_continues_from_the_cursor_after_a_kill() {
         .collect();
     assert_eq!(after.len(), 1, "more than one node took over");
     assert_eq!(holders(&survivors, &id), after);
-    verify_signatures(&secret, &requests);
+
+    // The holder's failures are shown by the other node too (from the holder's lease).
+    receiver.failing.store(true, Ordering::Relaxed);
+    appended.extend(append(survivors[0], 1));
+    let path = format!("/v1/webhooks/{id}");
+    wait_until(WAIT, "the holder's failures on the other node", || {
+        let shown = survivors[1 - after[0]].get(&path).1["data"].clone();
+        shown["state"] == "retrying"
+            && shown["failures"].as_u64().unwrap_or(0) > 0
+            && shown["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("500"))
+    });
+    receiver.failing.store(false, Ordering::Relaxed);
+    wait_until(
+        WAIT,
+        "the failed event, once the receiver recovered",
+        || receiver.acked_events().len() == appended.len(),
+    );
+    assert_eq!(receiver.acked_events(), appended);
+    verify_signatures(&secret, &receiver.requests());
 }
 
 #[test]

@@ -192,7 +192,11 @@ pub async fn show(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let id = path_id(id)?;
-    let view = state.webhooks.get(&id).ok_or_else(|| not_found(&id))?;
+    let view = state
+        .webhooks
+        .view(&id)
+        .await
+        .ok_or_else(|| not_found(&id))?;
     Ok(axum::Json(Envelope {
         data: webhook_json(view, false),
     })

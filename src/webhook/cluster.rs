@@ -50,6 +50,22 @@ pub struct ClusterSettings {
     pub lease: Duration,
 }
 
+/// A lease's value: who holds it, and its delivery state as of the last renewal (shown
+/// by `GET` on the other nodes, which do not have it in memory).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct LeaseValue {
+    node: String,
+    failures: u32,
+    last_error: Option<String>,
+    next_attempt_at: Option<String>,
+}
+
+impl LeaseValue {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 /// A record as the shared map holds it.
 #[derive(Clone)]
 struct Versioned {
@@ -283,11 +299,11 @@ impl ClusterHooks {
                     Woken::Elapsed => {}
                 }
                 let asked = Instant::now();
-                match self
-                    .leases
-                    .create(&id, self.settings.node.as_bytes().to_vec())
-                    .await
-                {
+                let value = LeaseValue {
+                    node: self.settings.node.clone(),
+                    ..LeaseValue::default()
+                };
+                match self.leases.create(&id, value.encode()).await {
                     Ok(Written::Done(revision)) => {
                         match self.hold(&hooks, &id, &mut latest, revision, asked).await {
                             Ended::Stop => return,
@@ -352,7 +368,8 @@ impl ClusterHooks {
                 }
                 () = tokio::time::sleep_until(renewed + third) => {
                     let asked = Instant::now();
-                    let renewal = self.leases.update(id, self.settings.node.as_bytes().to_vec(), lease);
+                    let value = hooks.lease_value(id, &self.settings.node).encode();
+                    let renewal = self.leases.update(id, value, lease);
                     match tokio::time::timeout_at(renewed + self.settings.lease / 2, renewal).await {
                         Ok(Ok(Written::Done(next))) => {
                             lease = next;
@@ -504,6 +521,28 @@ impl ClusterHooks {
         Ok(true)
     }
 
+    /// `GET` of a webhook another node delivers: the shared record, with the holder's
+    /// failures, last error and next attempt from its lease (as of its last renewal).
+    pub(super) async fn show_remote(&self, mut view: View) -> View {
+        let read = tokio::time::timeout(Duration::from_secs(1), self.leases.get(&view.record.id));
+        let Ok(Ok(Some(entry))) = read.await else {
+            return view;
+        };
+        let Some(lease) = entry
+            .value
+            .and_then(|v| serde_json::from_slice::<LeaseValue>(&v).ok())
+        else {
+            return view;
+        };
+        if !view.record.paused && lease.failures > 0 {
+            view.state = super::DeliveryState::Retrying;
+            view.failures = lease.failures;
+            view.last_error = lease.last_error.or(view.last_error);
+            view.next_attempt_at = lease.next_attempt_at;
+        }
+        view
+    }
+
     /// At shutdown (the token cancelled): waits for the lease tasks, which stop their
     /// deliveries and release their leases.
     pub(super) async fn stopped(&self) {
@@ -533,6 +572,21 @@ impl Webhooks {
     async fn stop_task(&self, id: &str) {
         if let Some(record) = self.halt(id).await {
             self.show(record);
+        }
+    }
+
+    /// The lease value the holder of `id` renews with: its delivery state now.
+    fn lease_value(&self, id: &str, node: &str) -> LeaseValue {
+        let view = self.get(id);
+        LeaseValue {
+            node: node.to_string(),
+            failures: view.as_ref().map_or(0, |v| v.failures),
+            // The record's own notes (pause reason, skip) are in the record already.
+            last_error: view
+                .as_ref()
+                .filter(|v| v.failures > 0)
+                .and_then(|v| v.last_error.clone()),
+            next_attempt_at: view.and_then(|v| v.next_attempt_at),
         }
     }
 
