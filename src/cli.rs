@@ -267,6 +267,10 @@ pub struct ServeArgs {
     /// Cluster mode: seconds a silent sequencer keeps its lease.
     #[arg(long, env = "CAIRN_NATS_LEASE", default_value_t = 3, value_parser = seconds(), hide = true)]
     pub nats_lease: u64,
+    /// Cluster mode: seconds a node that stopped renewing keeps a webhook's lease (the
+    /// node that creates the lease bucket sets it for the cluster).
+    #[arg(long, env = "CAIRN_WEBHOOK_LEASE", default_value_t = 10, value_parser = seconds(), hide = true)]
+    pub webhook_lease: u64,
 }
 
 fn fractional_seconds(s: &str) -> Result<f64, String> {

@@ -78,6 +78,7 @@ fn serve(args: cairn::cli::ServeArgs) -> Result<ExitCode, String> {
             replicas: usize::from(args.nats_replicas),
             node: args.node.unwrap_or_else(|| args.listen.to_string()),
             lease: std::time::Duration::from_secs(args.nats_lease),
+            webhook_lease: std::time::Duration::from_secs(args.webhook_lease),
         }),
     };
     runtime

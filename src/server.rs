@@ -100,6 +100,7 @@ impl ServeError {
             self,
             ServeError::Checkpoint(CheckpointError::Shared(_))
                 | ServeError::Auth(AuthError::Shared(_))
+                | ServeError::Webhook(crate::webhook::WebhookError::Shared(_))
                 | ServeError::Cluster(ClusterError::JetStream(_))
         )
     }
@@ -271,7 +272,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 cluster_stop.clone(),
             )
             .await?;
-            Some(cluster.status)
+            Some((cluster, cluster_opts))
         }
         _ => None,
     };
@@ -285,7 +286,32 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             durable: opts.sync != SyncMode::None,
         },
         shutdown.child_token(),
+        cluster.is_some(),
     )?);
+    if let Some((cluster, cluster_opts)) = &cluster {
+        retry_while_unavailable("the cluster's webhooks", || async {
+            let defs = cluster.shared.map("webhooks").await?;
+            let leases = cluster
+                .shared
+                .map_with_ttl("webhook-leases", cluster_opts.webhook_lease)
+                .await?;
+            crate::webhook::join_cluster(
+                &webhooks,
+                defs,
+                leases,
+                cluster.status.clone(),
+                crate::webhook::ClusterSettings {
+                    node: cluster_opts.node.clone(),
+                    lease: cluster_opts.webhook_lease,
+                },
+                &store,
+            )
+            .await?;
+            Ok(())
+        })
+        .await?;
+    }
+    let cluster = cluster.map(|(cluster, _)| cluster.status);
     let state = AppState {
         store: store.clone(),
         writer,

@@ -13,6 +13,14 @@
 //! `DELETE` first stop the task and wait for it (a task never stops in the middle of
 //! storing its cursor), so an administrator's change can never be overwritten by a
 //! delivery that was in flight.
+//!
+//! In cluster mode ([`cluster`]) the records live in a map every node shares, and one
+//! node at a time (the holder of the webhook's lease) runs its task; the task is the
+//! same, only where it keeps its record after each 2xx differs ([`Keeper`]).
+
+mod cluster;
+
+pub use cluster::{ClusterSettings, join_cluster};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -54,6 +62,8 @@ pub enum WebhookError {
     Client(String),
     #[error("a webhook task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Shared(#[from] crate::cluster::SharedError),
 }
 
 /// A stored webhook. The secret is kept as given to the owner (`whsec_…`), because the
@@ -594,6 +604,32 @@ pub struct Webhooks {
     tasks: TaskTracker,
     /// The runtime the delivery tasks run on (see [`delivery_runtime`]).
     runtime: tokio::runtime::Handle,
+    /// Cluster mode: the shared records and the leases ([`join_cluster`]).
+    cluster: std::sync::OnceLock<Arc<cluster::ClusterHooks>>,
+}
+
+/// Where a delivery task keeps its record (cursor, counters) after each 2xx.
+#[derive(Clone)]
+enum Keeper {
+    /// This node's store.
+    Local,
+    /// The cluster's shared map, written only if nobody else wrote it since this
+    /// node's last write (fencing).
+    Shared(Arc<cluster::Held>),
+}
+
+impl Keeper {
+    /// Stores the record; false when the task must stop (someone else changed the
+    /// record since: it is reloaded and the task restarted, or not, by its lease).
+    async fn keep(&self, shared: &Shared, record: WebhookRecord) -> bool {
+        match self {
+            Keeper::Local => {
+                store_record(shared, record).await;
+                true
+            }
+            Keeper::Shared(held) => held.write(&record).await,
+        }
+    }
 }
 
 /// Delivery runs on its own single-threaded runtime whose thread (and the blocking
@@ -634,12 +670,14 @@ fn delivery_runtime(shutdown: CancellationToken) -> Result<tokio::runtime::Handl
 }
 
 impl Webhooks {
-    /// Loads every stored webhook and starts a task for each one not paused.
+    /// Loads every stored webhook and starts a task for each one not paused (unless
+    /// `clustered`: a cluster node's webhooks are the cluster's, see [`join_cluster`]).
     pub fn start(
         store: Arc<Store>,
         writer: Writer,
         config: DeliveryConfig,
         shutdown: CancellationToken,
+        clustered: bool,
     ) -> Result<Webhooks, WebhookError> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -648,7 +686,11 @@ impl Webhooks {
             .use_rustls_tls()
             .build()
             .map_err(|e| WebhookError::Client(e.to_string()))?;
-        let records = load_all(&store)?;
+        let records = if clustered {
+            Vec::new()
+        } else {
+            load_all(&store)?
+        };
         let webhooks = Webhooks {
             shared: Arc::new(Shared {
                 store,
@@ -663,6 +705,7 @@ impl Webhooks {
             tasks: TaskTracker::new(),
             runtime: delivery_runtime(shutdown.clone())?,
             shutdown,
+            cluster: std::sync::OnceLock::new(),
         };
         for record in records {
             webhooks.launch(record);
@@ -676,8 +719,13 @@ impl Webhooks {
 
     /// Registers a record and starts its task unless it is paused.
     fn launch(&self, record: WebhookRecord) {
+        let run = (!record.paused).then_some(Keeper::Local);
+        self.install(record, run);
+    }
+
+    /// Registers a record, with a task that keeps it with `keeper` (none: shown only).
+    fn install(&self, record: WebhookRecord, keeper: Option<Keeper>) {
         let id = record.id.clone();
-        let paused = record.paused;
         let live = Arc::new(Mutex::new(Live {
             last_error: None,
             record,
@@ -685,9 +733,9 @@ impl Webhooks {
             next_attempt_at: None,
         }));
         let stop = self.shutdown.child_token();
-        let task = (!paused).then(|| {
+        let task = keeper.map(|keeper| {
             self.tasks.spawn_on(
-                deliver(self.shared.clone(), live.clone(), stop.clone()),
+                deliver(self.shared.clone(), live.clone(), stop.clone(), keeper),
                 &self.runtime,
             )
         });
@@ -707,8 +755,11 @@ impl Webhooks {
     }
 
     pub async fn create(&self, new: NewWebhook) -> Result<WebhookRecord, WebhookError> {
-        let _change = self.changes.lock().await;
         let record = new_record(new, self.shared.store.head().id);
+        if let Some(cluster) = self.cluster.get() {
+            return cluster.create(record).await;
+        }
+        let _change = self.changes.lock().await;
         let store = self.shared.store.clone();
         let stored = record.clone();
         tokio::task::spawn_blocking(move || save(&store, &stored, true))
@@ -732,12 +783,29 @@ impl Webhooks {
         views
     }
 
+    /// `GET /v1/webhooks/{id}`: in cluster mode, a webhook delivered by another node
+    /// shows that node's failures (from its lease).
+    pub async fn view(&self, id: &str) -> Option<View> {
+        let (view, here) = {
+            let hooks = self.hooks();
+            let running = hooks.get(id)?;
+            (lock(&running.live).view(), running.task.is_some())
+        };
+        match self.cluster.get() {
+            Some(cluster) if !here => Some(cluster.show_remote(view).await),
+            _ => Some(view),
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<View> {
         self.hooks().get(id).map(|r| lock(&r.live).view())
     }
 
     /// Pauses, resumes or moves a webhook; `None` if there is no such webhook.
     pub async fn patch(&self, id: &str, patch: Patch) -> Result<Option<View>, WebhookError> {
+        if let Some(cluster) = self.cluster.get() {
+            return cluster.patch(id, &patch).await;
+        }
         let _change = self.changes.lock().await;
         let Some(mut record) = self.halt(id).await else {
             return Ok(None);
@@ -758,6 +826,9 @@ impl Webhooks {
 
     /// Deletes a webhook; its task is stopped first. `false` if there was none.
     pub async fn delete(&self, id: &str) -> Result<bool, WebhookError> {
+        if let Some(cluster) = self.cluster.get() {
+            return cluster.delete(id).await;
+        }
         let _change = self.changes.lock().await;
         if self.halt(id).await.is_none() {
             return Ok(false);
@@ -782,21 +853,34 @@ impl Webhooks {
         {
             tracing::warn!("webhook tasks still running {STOP_GRACE:?} after shutdown began");
         }
+        // Cluster mode: leases are released once their tasks have stopped, so that
+        // another node takes over at once.
+        if let Some(cluster) = self.cluster.get() {
+            cluster.stopped().await;
+        }
     }
 
     /// Per webhook, committed events after its cursor (for `cairn_webhook_lag_events`):
     /// one chunk read each, so a scrape stays cheap however far behind a webhook is.
+    /// In cluster mode only the holder reports a webhook's lag; other nodes report 0.
     pub fn lags(&self) -> Vec<(String, u64)> {
-        let cursors: Vec<(String, Ulid)> = self
+        let clustered = self.cluster.get().is_some();
+        let cursors: Vec<(String, Option<Ulid>)> = self
             .hooks()
             .iter()
-            .map(|(id, r)| (id.clone(), lock(&r.live).record.cursor()))
+            .map(|(id, r)| {
+                let held = !clustered || r.task.is_some();
+                (id.clone(), held.then(|| lock(&r.live).record.cursor()))
+            })
             .collect();
         let store = &self.shared.store;
         let head = store.head().seq;
         cursors
             .into_iter()
             .filter_map(|(id, cursor)| {
+                let Some(cursor) = cursor else {
+                    return Some((id, 0));
+                };
                 let position = match position_of(store, cursor, head) {
                     Ok(p) => p,
                     Err(e) => {
@@ -835,7 +919,7 @@ enum Outcome {
 }
 
 /// The delivery task of one webhook; returns when `stop` is cancelled or on a 410.
-async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken) {
+async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken, keeper: Keeper) {
     let record = lock(&live).record.clone();
     let id = record.id.clone();
     let signer = match standardwebhooks::Webhook::new(&record.secret) {
@@ -883,7 +967,9 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
                 Some(Ok(item)) => {
                     if take(&mut pending, item, &live, &subscription, &mut skips) {
                         let stored = lock(&live).record.clone();
-                        store_record(&shared, stored).await;
+                        if !keeper.keep(&shared, stored).await {
+                            return;
+                        }
                     }
                 }
                 Some(Err(e)) => {
@@ -931,7 +1017,9 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
                 pending.drain(..count);
                 // Not raced with `stop`: a task stops between requests, never while its
                 // cursor is being written (PATCH and DELETE wait for it).
-                store_record(&shared, stored).await;
+                if !keeper.keep(&shared, stored).await {
+                    return;
+                }
             }
             Outcome::Gone => {
                 metrics::counter!(crate::telemetry::WEBHOOK_DELIVERIES, "result" => "error")
@@ -948,7 +1036,7 @@ async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken)
                     l.record.pause_reason = Some(reason.into());
                     l.record.clone()
                 };
-                store_record(&shared, stored).await;
+                keeper.keep(&shared, stored).await;
                 return;
             }
             Outcome::Failed { result, error } => {

@@ -101,6 +101,14 @@ fn path_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> 
         .map_err(|_| ApiError::not_found("no such webhook"))
 }
 
+/// Cluster mode: the shared map is out of reach (503, retry); anything else is ours.
+fn webhook_error(e: webhook::WebhookError) -> ApiError {
+    match e {
+        webhook::WebhookError::Shared(e) => ApiError::unavailable(format!("{e}; retry")),
+        other => ApiError::internal(other),
+    }
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no webhook with id {id}"))
 }
@@ -122,6 +130,8 @@ fn not_found(id: &str) -> ApiError {
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 403, description = "The token's role is not admin", body = openapi::Error),
         (status = 413, description = "The body exceeds 64 KiB", body = openapi::Error),
+        (status = 503, description = "Cluster mode: NATS is out of reach (`unavailable`); \
+            retry", body = openapi::Error),
     )
 )]
 pub async fn create(
@@ -133,11 +143,7 @@ pub async fn create(
     let (parts, body) = request.into_parts();
     let body = read_body(body, &parts.headers, MAX_WEBHOOK_BODY_BYTES).await?;
     let new = webhook::parse_new(&body).map_err(invalid)?;
-    let record = state
-        .webhooks
-        .create(new)
-        .await
-        .map_err(ApiError::internal)?;
+    let record = state.webhooks.create(new).await.map_err(webhook_error)?;
     let data = webhook_json(View::of_record(record), true);
     Ok((StatusCode::CREATED, axum::Json(Envelope { data })).into_response())
 }
@@ -186,7 +192,11 @@ pub async fn show(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let id = path_id(id)?;
-    let view = state.webhooks.get(&id).ok_or_else(|| not_found(&id))?;
+    let view = state
+        .webhooks
+        .view(&id)
+        .await
+        .ok_or_else(|| not_found(&id))?;
     Ok(axum::Json(Envelope {
         data: webhook_json(view, false),
     })
@@ -213,6 +223,8 @@ pub async fn show(
         (status = 403, description = "The token's role is not admin", body = openapi::Error),
         (status = 404, description = "No such webhook", body = openapi::Error),
         (status = 413, description = "The body exceeds 64 KiB", body = openapi::Error),
+        (status = 503, description = "Cluster mode: NATS is out of reach (`unavailable`); \
+            retry", body = openapi::Error),
     )
 )]
 pub async fn update(
@@ -230,7 +242,7 @@ pub async fn update(
         .webhooks
         .patch(&id, patch)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(webhook_error)?
         .ok_or_else(|| not_found(&id))?;
     Ok(axum::Json(Envelope {
         data: webhook_json(view, false),
@@ -252,6 +264,8 @@ pub async fn update(
         (status = 401, description = "No valid token", body = openapi::Error),
         (status = 403, description = "The token's role is not admin", body = openapi::Error),
         (status = 404, description = "No such webhook", body = openapi::Error),
+        (status = 503, description = "Cluster mode: NATS is out of reach (`unavailable`); \
+            retry", body = openapi::Error),
     )
 )]
 pub async fn delete(
@@ -261,12 +275,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let id = path_id(id)?;
-    if !state
-        .webhooks
-        .delete(&id)
-        .await
-        .map_err(ApiError::internal)?
-    {
+    if !state.webhooks.delete(&id).await.map_err(webhook_error)? {
         return Err(not_found(&id));
     }
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -55,6 +55,8 @@ pub struct ClusterOptions {
     pub node: String,
     /// How long a silent sequencer keeps the lease.
     pub lease: Duration,
+    /// How long a node that stopped renewing keeps a webhook's lease.
+    pub webhook_lease: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

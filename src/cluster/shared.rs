@@ -146,6 +146,15 @@ impl SharedMap {
         self.kv.delete(key).await.map_err(|e| self.error(e))
     }
 
+    /// Deletes the key only if its revision is still `revision` (a lease released by
+    /// its holder, never by a node that lost it).
+    pub async fn delete_at(&self, key: &str, revision: u64) -> Result<(), SharedError> {
+        self.kv
+            .delete_expect_revision(key, Some(revision))
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     /// Every key's current value (deleted keys left out), in revision order.
     pub async fn all(&self) -> Result<Vec<SharedEntry>, SharedError> {
         let mut keys = self.kv.keys().await.map_err(|e| self.error(e))?;

@@ -165,7 +165,16 @@ fn remote(place: &WebhookPlace) -> Result<Option<Client>, String> {
 fn open(data: Option<&Path>) -> Result<Store, String> {
     let path = data.map_or_else(|| PathBuf::from("data"), Path::to_path_buf);
     let dir = DataDir::lock_existing(&path).map_err(|e| e.to_string())?;
-    Store::open(dir).map_err(|e| e.to_string())
+    let store = Store::open(dir).map_err(|e| e.to_string())?;
+    if let Some(stream) = store.cluster_stream().map_err(|e| e.to_string())? {
+        // A cluster node keeps no webhooks of its own: they are the cluster's.
+        return Err(format!(
+            "{} is a node of the cluster stream {stream}: its webhooks are the cluster's; \
+             manage them through a running node (--url with an admin token)",
+            path.display()
+        ));
+    }
+    Ok(store)
 }
 
 fn find(store: &Store, id: &str) -> Result<WebhookRecord, String> {
