@@ -1680,7 +1680,11 @@ mod tests {
         let mut batch = CommitBatch::default();
         let encoded = encode_chunk(small);
         batch.add_encoded_events(small, &encoded);
-        assert_eq!(batch.chunk_bytes, encoded.len() as u64, "stored as received");
+        assert_eq!(
+            batch.chunk_bytes,
+            encoded.len() as u64,
+            "stored as received"
+        );
         let before = batch.chunk_bytes;
         // 870 incompressible events: over CHUNK_EVENTS and MAX_VALUE_BYTES.
         batch.add_encoded_events(large, &encode_chunk(large));
