@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod webhooks;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
