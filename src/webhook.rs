@@ -19,6 +19,7 @@
 //! same, only where it keeps its record after each 2xx differs ([`Keeper`]).
 
 mod cluster;
+mod signing;
 
 pub use cluster::{ClusterSettings, join_cluster};
 
@@ -922,7 +923,7 @@ enum Outcome {
 async fn deliver(shared: Arc<Shared>, live: SharedLive, stop: CancellationToken, keeper: Keeper) {
     let record = lock(&live).record.clone();
     let id = record.id.clone();
-    let signer = match standardwebhooks::Webhook::new(&record.secret) {
+    let signer = match signing::Signer::new(&record.secret) {
         Ok(signer) => signer,
         Err(e) => {
             tracing::error!(webhook = %id, error = %e, "webhook secret unusable; not delivering");
@@ -1257,7 +1258,7 @@ fn body(events: &[&Event], single: bool) -> String {
 async fn post(
     shared: &Shared,
     url: &str,
-    signer: &standardwebhooks::Webhook,
+    signer: &signing::Signer,
     events: &[&Event],
     single: bool,
 ) -> Outcome {
@@ -1267,15 +1268,7 @@ async fn post(
     let message_id = first.id.to_string();
     let body = body(events, single);
     let timestamp = (now_unix_ms() / 1000) as i64;
-    let signature = match signer.sign(&message_id, timestamp, body.as_bytes()) {
-        Ok(s) => s,
-        Err(e) => {
-            return Outcome::Failed {
-                result: "error",
-                error: format!("cannot sign: {e}"),
-            };
-        }
-    };
+    let signature = signer.sign(&message_id, timestamp, body.as_bytes());
     let sent = shared
         .client
         .post(url)
