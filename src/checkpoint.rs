@@ -313,7 +313,13 @@ pub async fn share_key(
                 })?
                 .trim()
                 .to_string();
-            match map.create(SHARED_KEY, created.clone().into_bytes()).await? {
+            let published = map.create(SHARED_KEY, created.clone().into_bytes()).await;
+            if published.is_err() && local.is_none() {
+                // Made here and never used: a retried start must not mistake it for a
+                // key of its own that differs from the one another node published since.
+                let _ = std::fs::remove_file(&path);
+            }
+            match published? {
                 crate::cluster::Written::Done(_) => return Ok(()),
                 // Another node published first: take its key if this one was just made.
                 crate::cluster::Written::Conflict => {

@@ -34,7 +34,9 @@ const MAX_GROUP_REQUESTS: usize = 1024;
 /// Room for headers and the message's framing under the servers' `max_payload`.
 const MESSAGE_OVERHEAD: usize = 4096;
 /// How many acknowledged messages the sequencer may seal past before its own copy has
-/// applied them: bounds the keys it remembers and how far a slow disk lets it run.
+/// applied them: bounds the keys it remembers and how far a slow disk lets it run. It is
+/// checked before each batch, and one batch may add several messages: the bound is this
+/// plus one batch's messages.
 const MAX_AHEAD: u64 = 64;
 /// How long a new sequencer waits for its copy to reach the stream's head.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(10);
@@ -252,7 +254,12 @@ impl Sequencer {
         };
         let msg_id = match crate::chain::stated_hash(newest.line.as_bytes()) {
             Ok(h) => hex::encode(h),
-            Err(e) => return Err(StepDown::Failed(format!("a sealed event has no hash: {e}"))),
+            Err(e) => {
+                // Nothing of it was published: its requests may go to the next sequencer.
+                self.answer_retry(parts.answers.into_iter().map(|(to, _)| to).collect())
+                    .await;
+                return Err(StepDown::Failed(format!("a sealed event has no hash: {e}")));
+            }
         };
         let key_names: Vec<(String, String)> = (parts.keys.iter())
             .map(|(token, key, _)| (token.clone(), key.clone()))
