@@ -295,6 +295,10 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 .shared
                 .map_with_ttl("webhook-leases", cluster_opts.webhook_lease)
                 .await?;
+            // The bucket's: the node that created it chose the lease time.
+            let lease = Some(leases.ttl())
+                .filter(|ttl| !ttl.is_zero())
+                .unwrap_or(cluster_opts.webhook_lease);
             crate::webhook::join_cluster(
                 &webhooks,
                 defs,
@@ -302,7 +306,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 cluster.status.clone(),
                 crate::webhook::ClusterSettings {
                     node: cluster_opts.node.clone(),
-                    lease: cluster_opts.webhook_lease,
+                    lease,
                 },
                 &store,
             )

@@ -421,7 +421,10 @@ pub async fn start(
             js,
             log,
             lease: lease.kv.clone(),
-            lease_time: opts.lease,
+            // The bucket's: another node may have created it with another --nats-lease.
+            lease_time: Some(lease.ttl())
+                .filter(|ttl| !ttl.is_zero())
+                .unwrap_or(opts.lease),
             names: names.clone(),
             store,
             writer: writer.clone(),

@@ -49,6 +49,7 @@ pub enum Written {
 pub struct SharedMap {
     pub(super) kv: kv::Store,
     name: String,
+    ttl: Duration,
 }
 
 /// Creates (or opens) the bucket `name`: one value per key, replicated like the log.
@@ -84,12 +85,19 @@ pub(super) async fn open(
         .await
         .map_err(|e| ClusterError::JetStream(format!("the bucket {name}: {e}")))?;
     Ok(SharedMap {
+        ttl: kv.stream.cached_info().config.max_age,
         kv,
         name: name.to_string(),
     })
 }
 
 impl SharedMap {
+    /// How long entries live: the bucket's own setting, which the node that created it
+    /// chose (leases must be renewed within it, whatever this node was started with).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     fn error(&self, reason: impl std::fmt::Display) -> SharedError {
         SharedError {
             map: self.name.clone(),
