@@ -477,7 +477,9 @@ impl CommitBatch {
         let line_bytes: usize = events.iter().map(|e| e.line.len()).sum();
         // Larger chunks would cost the chunk cache (a fixed number of chunks) and each
         // read more: the same limits as packed chunks.
-        if events.len() > CHUNK_EVENTS || encoded.len() > MAX_VALUE_BYTES || line_bytes > CHUNK_BYTES
+        if events.len() > CHUNK_EVENTS
+            || encoded.len() > MAX_VALUE_BYTES
+            || line_bytes > CHUNK_BYTES
         {
             self.add_events(events);
             return;

@@ -53,9 +53,11 @@ mod tests {
         let example = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
         let body = br#"{"email":"test@example.com","username":"test_user"}"#;
         assert_eq!(
-            Signer::new(example)
-                .expect("secret")
-                .sign("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", 1649367553, body),
+            Signer::new(example).expect("secret").sign(
+                "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+                1649367553,
+                body
+            ),
             "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw="
         );
         for len in [0, 1, 55, 56, 63, 64, 65, 1000, 70_000] {
@@ -66,9 +68,10 @@ mod tests {
                 .expect("secret")
                 .sign(&id, 1_700_000_000 + len as i64, &body)
                 .expect("sign");
-            let ours = Signer::new(&secret)
-                .expect("secret")
-                .sign(&id, 1_700_000_000 + len as i64, &body);
+            let ours =
+                Signer::new(&secret)
+                    .expect("secret")
+                    .sign(&id, 1_700_000_000 + len as i64, &body);
             assert_eq!(ours, reference, "body of {len} bytes");
         }
     }
