@@ -18,9 +18,11 @@
 //! GET /v1/checkpoint, /v1/proof/* ─► api::proofs ─► merkle (O(log n) stored hashes)
 //!
 //! cluster mode (--nats): writer::append ─► cluster::forward ─► NATS ─► the sequencer
-//!   (seal on the stream's head ─► fenced publish ─► JetStream ack ─► reply)
+//!   (seal on the acknowledged head ─► fenced publish ─► JetStream ack ─► reply)
 //! every node: cluster::applier (stream from its position) ─► writer (chain checked)
 //!   ─► the same store::apply, sync, committed, broadcast as above
+//! shared state (cluster::SharedMap, JetStream key-value): tokens, the signing key, the
+//!   sequencer lease, retention's one horizon, webhooks and their delivery leases
 //! ```
 //!
 //! Start at [`writer`] (who appends, and when an event counts as committed), then

@@ -5,9 +5,10 @@
 //!
 //! ```text
 //! POST /v1/events (any node) ─► Writer::append ─► forward::Forwarder ─► NATS request
-//!     `cairn.<S>.ingest` (queue group) ─► sequencer (the node holding the lease):
-//!     writer::seal_group on the stream's head ─► one fenced publish per group
-//!     (Nats-Expected-Last-Sequence, Nats-Msg-Id) ─► JetStream ack ─► reply
+//!     `cairn.<S>.ingest.<holder>` ─► sequencer (the node holding the lease):
+//!     writer::seal_group on the head the stream last acknowledged (kept in memory)
+//!     ─► one fenced publish per group (Nats-Expected-Last-Sequence, Nats-Msg-Id)
+//!     ─► JetStream ack ─► reply
 //! every node: applier (pull consumer from its stream position + 1) ─► Writer::apply
 //!     ─► chain checked, stored with the stream position, broadcast ─► every read path
 //! ```
