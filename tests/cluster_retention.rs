@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::nats::{NatsCluster, missing};
-use common::{Server, auditor, cairn, wait_until};
+use common::{Server, archives_then, auditor, cairn, wait_until};
 use serde_json::{Value, json};
 
 const RETAIN: &str = "200";
@@ -134,28 +133,6 @@ fn assert_same_pruned_log(nodes: &[&Server], first_seq: u64, head_seq: u64) {
     }
 }
 
-/// Every archive in `dir`, decompressed, in name order.
-fn archives(dir: &Path) -> String {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.map(|e| e.expect("dir entry").path())
-                .filter(|p| p.to_string_lossy().ends_with(".ndjson.zst"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    let mut all = String::new();
-    for path in names {
-        let mut text = String::new();
-        zstd::Decoder::new(std::fs::File::open(&path).expect("archive"))
-            .expect("zstd")
-            .read_to_string(&mut text)
-            .expect("archive text");
-        all.push_str(&text);
-    }
-    all
-}
-
 #[test]
 fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
     if missing() {
@@ -263,7 +240,7 @@ fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
     // Node a's archives and its export verify end to end, from seq 1, for cairn and for
     // SPEC §1's auditor against a's newest checkpoint.
     wait_checkpoint_covers(&a.server, 1800);
-    let all = archives(archive.path()) + &a.server.export_lines().join("\n") + "\n";
+    let all = archives_then(archive.path(), &(a.server.export_lines().join("\n") + "\n"));
     let all_file = files.path().join("all.ndjson");
     std::fs::write(&all_file, &all).expect("write");
     let (code, out, err) = cairn(&["verify", "--file", all_file.to_str().expect("path")], &[]);

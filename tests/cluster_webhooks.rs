@@ -9,8 +9,8 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::HashSet;
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use common::nats::{NatsCluster, missing};
-use common::webhooks::{Received, create, events_of, patch, send, verify_signatures};
+use common::webhooks::{Received, create, events_of, patch, read_request, send, verify_signatures};
 use common::{Server, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -93,32 +93,9 @@ fn serve(conn: TcpStream, delay: Duration, got: &Mutex<Vec<Received>>, failing: 
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut writer = conn;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        let Some((headers, body)) = read_request(&mut reader) else {
             return;
-        }
-        let mut headers = HashMap::new();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-        let length: usize = headers
-            .get("content-length")
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+        };
         let index = {
             let mut g = got.lock().unwrap();
             g.push(Received {

@@ -6,10 +6,9 @@
 mod common;
 
 use std::io::Read;
-use std::path::Path;
 use std::time::Duration;
 
-use common::{Server, auditor, cairn, wait_until};
+use common::{Server, archives_then, auditor, cairn, wait_until};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -41,29 +40,6 @@ fn checkpoint_size(note: &str) -> u64 {
         .nth(1)
         .and_then(|l| l.parse().ok())
         .unwrap_or(0)
-}
-
-/// Every archive, decompressed, in name order, then `tail`: one NDJSON text.
-fn archives_then(dir: &Path, tail: &str) -> String {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.map(|e| e.unwrap().path())
-                .filter(|p| p.to_string_lossy().ends_with(".ndjson.zst"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    let mut all = String::new();
-    for path in names {
-        let mut text = String::new();
-        zstd::Decoder::new(std::fs::File::open(&path).unwrap())
-            .unwrap()
-            .read_to_string(&mut text)
-            .unwrap();
-        all.push_str(&text);
-    }
-    all.push_str(tail);
-    all
 }
 
 fn verify_file(text: &str) -> (i32, String, String) {

@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::HashSet;
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::webhooks::{Received, create, events_of, patch, send, verify_signatures};
+use common::webhooks::{Received, create, events_of, patch, read_request, send, verify_signatures};
 use common::{Server, wait_until};
 
 /// Retries start at 20 ms (the contract's 1 s would only make the tests slower), and a
@@ -105,32 +105,9 @@ fn serve(conn: TcpStream, plan: &Mutex<Plan>, got: &Mutex<Vec<Received>>, stop: 
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut writer = conn;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        let Some((headers, body)) = read_request(&mut reader) else {
             return;
-        }
-        let mut headers = HashMap::new();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-        let length: usize = headers
-            .get("content-length")
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+        };
         let plan = plan.lock().unwrap().clone();
         let plan = match plan {
             Plan::Flaky => match rand::random_range(0..100) {

@@ -378,3 +378,26 @@ pub fn auditor(args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// Every archive, decompressed, in name order, then `tail`: one NDJSON text.
+pub fn archives_then(dir: &Path, tail: &str) -> String {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.expect("dir entry").path())
+                .filter(|p| p.to_string_lossy().ends_with(".ndjson.zst"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut all = String::new();
+    for path in names {
+        let mut text = String::new();
+        zstd::Decoder::new(std::fs::File::open(&path).expect("archive"))
+            .expect("zstd")
+            .read_to_string(&mut text)
+            .expect("archive text");
+        all.push_str(&text);
+    }
+    all.push_str(tail);
+    all
+}

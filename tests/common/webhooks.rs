@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{BufRead, Write};
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -17,6 +17,36 @@ pub struct Received {
     pub body: Vec<u8>,
     /// A 2xx was written in full.
     pub acked: bool,
+}
+
+/// Reads one HTTP/1.1 request with a Content-Length body (keep-alive connections):
+/// its headers, lower-cased, and its body; `None` once the connection ends.
+pub fn read_request(reader: &mut impl BufRead) -> Option<(HashMap<String, String>, Vec<u8>)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some((headers, body))
 }
 
 /// The events in a delivered body (one event, or `{"events": [...]}`).
