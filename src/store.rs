@@ -484,10 +484,7 @@ impl CommitBatch {
             self.add_events(events);
             return;
         }
-        self.chunk_bytes += encoded.len() as u64;
-        self.batch.insert(&event_key(first.id)[..], encoded);
-        self.batch
-            .insert(&seq_key(first.seq)[..], &first.id.0.to_be_bytes()[..]);
+        self.put_chunk(first, encoded);
     }
 
     /// Adds one chunk, halving it until each compressed value fits `MAX_VALUE_BYTES`
@@ -512,6 +509,12 @@ impl CommitBatch {
             self.add_chunk(right);
             return;
         }
+        self.put_chunk(first, &value);
+    }
+
+    /// Stores one encoded chunk under its first event's id, with the seq index entry,
+    /// and counts its bytes.
+    fn put_chunk(&mut self, first: &Event, value: &[u8]) {
         self.chunk_bytes += value.len() as u64;
         self.batch.insert(&event_key(first.id)[..], value);
         self.batch
