@@ -88,6 +88,12 @@ pub enum ServeError {
         stream: String,
         wanted: String,
     },
+    #[error(
+        "refusing to start: {dir} holds a node's copy of the cluster stream {stream}; start \
+         it with --nats as a node of that cluster. Appended to on its own, the copy would no \
+         longer match the cluster's log"
+    )]
+    ClusterNodeAlone { dir: String, stream: String },
 }
 
 impl ServeError {
@@ -200,7 +206,15 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .await?;
             Some(connection)
         }
-        None => None,
+        None => match store.cluster_stream()? {
+            Some(stream) => {
+                return Err(ServeError::ClusterNodeAlone {
+                    dir: opts.data.display().to_string(),
+                    stream,
+                });
+            }
+            None => None,
+        },
     };
     let checkpoints = Arc::new(Checkpointer::open(
         store.clone(),
@@ -260,17 +274,17 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
             .await?;
             // Retention is one decision for the cluster: every node follows it, whatever
             // its own flags (the sequencer's bounds decide; --archive is per node).
-            let retention = retry_while_unavailable("the cluster's retention", || async {
-                Ok(cluster.shared.map("retention").await?)
+            retry_while_unavailable("the cluster's retention", || async {
+                crate::cluster::start_retention(
+                    cluster.status.clone(),
+                    cluster.shared.map("retention").await?,
+                    checkpoints.clone(),
+                    opts.retention.clone(),
+                    cluster_stop.clone(),
+                )
+                .await?;
+                Ok(())
             })
-            .await?;
-            crate::cluster::start_retention(
-                cluster.status.clone(),
-                retention,
-                checkpoints.clone(),
-                opts.retention.clone(),
-                cluster_stop.clone(),
-            )
             .await?;
             Some((cluster, cluster_opts))
         }

@@ -986,3 +986,228 @@ fn failovers_under_ingest_lose_nothing_and_streams_resume_elsewhere() {
         );
     }
 }
+
+/// A sequencer whose disk fails (its writes get EFBIG, as on a full disk) stops sealing,
+/// gives the lease up at once rather than letting it run out, and never competes for it
+/// again: another node takes over, and no acknowledged event is lost.
+#[test]
+fn a_sequencer_whose_disk_fails_hands_the_lease_over_and_stops_competing() {
+    if missing() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    // A lease longer than the take-over wait below: a lease left to expire fails the test.
+    const LEASE_SECS: u64 = 45;
+    let args = |name: &str| -> Vec<String> {
+        let lease = LEASE_SECS.to_string();
+        let mut args = vec!["--nats".to_string(), nats.urls()];
+        args.extend(["--nats-lease", &lease, "--node", name].map(str::to_string));
+        args
+    };
+    let b_args = args("b");
+    let b_data = tempfile::tempdir().expect("tempdir").keep().join("data");
+    let b_refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let b = Server::start_with_file_limit(&b_data, &b_refs, 3 << 20);
+    wait_until(Duration::from_secs(10), "b to take the lease", || {
+        role(&b) == "sequencer"
+    });
+    let a_args = args("a");
+    let a_refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let a_data = tempfile::tempdir().expect("tempdir").keep().join("data");
+    let mut a = Server::start_on(&a_data, &a_refs);
+    a.token = b.token.clone();
+
+    // Large events through a, sealed by b, until b's copy cannot be stored.
+    let padding = "p".repeat(2000);
+    let big = |round: usize| {
+        let events: Vec<Value> = (0..200)
+            .map(|i| json!({"type": "disk.fill", "data": {"round": round, "i": i, "pad": padding}}))
+            .collect();
+        json!({ "events": events })
+    };
+    let mut acknowledged = Vec::new();
+    let mut round = 0;
+    wait_until(Duration::from_secs(30), "b's log to stop", || {
+        round += 1;
+        let (status, body) = post(&a, &big(round), None);
+        if status == 201 {
+            acknowledged.extend(body["data"]["ids"].as_array().cloned().unwrap_or_default());
+        }
+        b.get("/healthz").1["status"] == "unavailable"
+    });
+    // a takes over well within the lease time, so b released it, and ingest goes on.
+    wait_until(Duration::from_secs(30), "a to seal and acknowledge", || {
+        round += 1;
+        let (status, body) = post(&a, &big(round), None);
+        if status == 201 {
+            acknowledged.extend(body["data"]["ids"].as_array().cloned().unwrap_or_default());
+        }
+        status == 201 && role(&a) == "sequencer"
+    });
+    wait_until(Duration::from_secs(10), "b to stop competing", || {
+        b.log_text()
+            .contains("no longer competes for the sequencer lease")
+    });
+    assert_ne!(role(&b), "sequencer");
+
+    // a's graceful stop frees the lease. b, the only node left, tries for it every third
+    // of the lease time if it still competes: watch it for longer than that.
+    assert!(a.terminate().success());
+    let watch_until = Instant::now() + Duration::from_secs(LEASE_SECS / 3 + 3);
+    while Instant::now() < watch_until {
+        assert_ne!(
+            role(&b),
+            "sequencer",
+            "a node whose log stopped took the lease"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut a = Server::start_on(&a_data, &a_refs);
+    a.token = b.token.clone();
+    wait_until(Duration::from_secs(30), "a restarted to seal", || {
+        round += 1;
+        let (status, body) = post(&a, &big(round), None);
+        if status == 201 {
+            acknowledged.extend(body["data"]["ids"].as_array().cloned().unwrap_or_default());
+        }
+        status == 201
+    });
+    assert_eq!(b.log_text().matches("took the sequencer lease").count(), 1);
+
+    // Every acknowledged event is in a's log, once, and the chain verifies.
+    let ids: std::collections::HashSet<String> =
+        a.export_lines().iter().map(|line| event_id(line)).collect();
+    assert!(!acknowledged.is_empty());
+    for id in &acknowledged {
+        assert!(
+            ids.contains(id.as_str().unwrap_or("")),
+            "acknowledged {id} is lost"
+        );
+    }
+    let (status, verify) = a.get("/v1/verify");
+    assert_eq!(
+        (status, &verify["data"]["ok"]),
+        (200, &json!(true)),
+        "{verify}"
+    );
+}
+
+/// A node's copy that no longer matches the stream would, as sequencer, seal on events no
+/// other node has and stop them all. Its directory is refused by a single-node `serve`
+/// (which could append to it alone), and by `serve --nats` when its head is not the end of
+/// the stream message it applied last: here the stream was deleted and made again, as a
+/// copy brought to another cluster of the same name would find it.
+#[test]
+fn a_copy_that_does_not_match_the_stream_is_refused() {
+    if missing() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    let a_data = tempfile::tempdir().expect("tempdir").keep().join("data");
+    let a_args = node_args(&nats, "a");
+    let a_refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let mut a = Server::start_on(&a_data, &a_refs);
+    for round in 0..3 {
+        assert_eq!(post(&a, &batch(&format!("a{round}"), 5), None).0, 201);
+    }
+    let a_messages = nats.stream_state("CAIRN").expect("stream")["last_seq"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(a_messages >= 3, "one message per request: {a_messages}");
+    a.terminate();
+
+    let alone = Server::launch(&a_data, &[], &[]).map(|mut s| s.terminate());
+    let log = alone.expect_err("a single-node serve took a cluster node's directory");
+    assert!(
+        log.contains("holds a node's copy of the cluster stream CAIRN"),
+        "{log}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let addrs: Vec<async_nats::ServerAddr> = nats
+            .urls()
+            .split(',')
+            .map(|u| u.parse().expect("url"))
+            .collect();
+        let client = async_nats::connect(addrs).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        js.delete_stream("CAIRN").await.expect("delete the stream");
+    });
+    // A new log on the stream of the same name, shorter than a's copy.
+    // (b, the first sequencer of an empty stream, may create an admin token; a's, in
+    // the cluster's tokens, works too.)
+    let mut b = node(&nats, "b", None);
+    if b.token.is_empty() {
+        b.token = a.token.clone();
+    }
+    assert_eq!(post(&b, &batch("b0", 2), None).0, 201);
+    let refused = |what: &str| {
+        let started = Server::launch(&a_data, &a_refs, &[]).map(|mut s| s.terminate());
+        let log = started.expect_err(&format!("a started on a copy that {what}"));
+        assert!(
+            log.contains("this node's copy does not match the stream CAIRN"),
+            "{log}"
+        );
+        log
+    };
+    let log = refused("is ahead of the stream");
+    assert!(log.contains("but the stream ends at"), "{log}");
+
+    // Longer than a's copy: the message a applied last exists, with other events.
+    for round in 1..=a_messages {
+        assert_eq!(post(&b, &batch(&format!("b{round}"), 2), None).0, 201);
+    }
+    let log = refused("differs from the stream");
+    assert!(
+        log.contains(&format!("stream message {a_messages}")),
+        "{log}"
+    );
+
+    // Nothing reached the cluster's log: b's is exactly what b acknowledged.
+    assert_same_log(&[&b], 2 * (a_messages + 1));
+}
+
+/// The lease expires after the lease bucket's own time, which the node that created the
+/// bucket chose: a node started with a longer `--nats-lease` must still renew within
+/// the bucket's time, or another node would take the lease while it still seals.
+#[test]
+fn the_lease_is_renewed_within_the_buckets_time_whatever_the_holders_flag() {
+    if missing() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    // a creates the lease bucket with a 2 s lease.
+    let mut a = node(&nats, "a", None);
+    wait_until(Duration::from_secs(10), "a to take the lease", || {
+        role(&a) == "sequencer"
+    });
+    let mut b_args = node_args(&nats, "b");
+    let lease_flag = b_args
+        .iter()
+        .position(|a| a == "--nats-lease")
+        .expect("flag");
+    b_args[lease_flag + 1] = "60".into();
+    let b_data = tempfile::tempdir().expect("tempdir").keep().join("data");
+    let b_refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let mut b = Server::start_on(&b_data, &b_refs);
+    b.token = a.token.clone();
+    a.terminate();
+    wait_until(Duration::from_secs(10), "b to take the lease", || {
+        role(&b) == "sequencer"
+    });
+    let c = node(&nats, "c", Some(&a));
+    // Several times the bucket's 2 s: b, renewing every third of its own 60 s, would
+    // lose the lease to c within about 2 s.
+    let watched = Instant::now();
+    let mut round = 0;
+    while watched.elapsed() < Duration::from_secs(8) {
+        assert_eq!(role(&c), "follower", "c took the lease b still held");
+        assert_eq!(role(&b), "sequencer");
+        round += 1;
+        assert_eq!(post(&c, &batch(&format!("c{round}"), 1), None).0, 201);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!c.log_text().contains("took the sequencer lease"));
+    assert_same_log(&[&b, &c], round);
+}

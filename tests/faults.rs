@@ -1,8 +1,9 @@
-//! Faults (SPEC §5): a disk that fills up. Clients get clear errors, reads go on, and
+//! Faults (SPEC §5): a disk that fills up or fails. Clients get clear errors, reads go on, and
 //! after more space and a restart every acknowledged event is there and the chain holds.
 //!
-//! Needs a small tmpfs as the data directory, so root (as in CI); elsewhere it says it
-//! skipped. The SIGKILL loop is in `tests/crash.rs`.
+//! The full disk needs a small tmpfs as the data directory, so root (as in CI); elsewhere
+//! it says it skipped. The failing disk is a file size limit (EFBIG), which needs no root.
+//! The SIGKILL loop is in `tests/crash.rs`.
 mod common;
 
 use std::path::PathBuf;
@@ -99,8 +100,14 @@ fn a_full_disk_gives_clean_errors_and_loses_nothing() {
     let (status, reply) = s.post_json(&json!({"type": "small"}));
     assert_eq!(status, 500, "{reply}");
     assert_eq!(reply["code"], "internal");
+    // Whether the failure stopped the log (a failed flush) or only refused one group
+    // (a failed write), /healthz tells the same as the appends do.
+    let stopped = message.contains("restart the server");
     let (status, health) = s.get("/healthz");
-    assert_eq!(status, 200);
+    match stopped {
+        true => assert_eq!((status, &health["status"]), (503, &json!("unavailable"))),
+        false => assert_eq!((status, &health["status"]), (200, &json!("ok"))),
+    }
     let last_acked = acknowledged.last().unwrap().1;
     assert_eq!(
         health["head"]["seq"], last_acked,
@@ -152,4 +159,58 @@ fn a_full_disk_gives_clean_errors_and_loses_nothing() {
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");
+}
+
+/// A disk that fails under the log (EFBIG from a file size limit, so no root needed):
+/// the log stops taking appends with a clear error, `/healthz` says `unavailable` (503)
+/// so a load balancer sends writers elsewhere, and a restart with room finds every
+/// acknowledged event.
+#[test]
+fn a_failed_flush_stops_appends_and_healthz_says_unavailable() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let data = data.path().join("data");
+    let mut s = Server::start_with_file_limit(&data, &[], 3 << 20);
+    let (status, health) = s.get("/healthz");
+    assert_eq!((status, &health["status"]), (200, &json!("ok")));
+    let mut last_acked = 0;
+    let mut refusal = Value::Null;
+    for salt in 0..400 {
+        let (status, reply) = s.post("/v1/events", "application/x-ndjson", big_batch(8, salt));
+        if status != 201 {
+            refusal = json!({"status": status, "body": reply});
+            break;
+        }
+        last_acked = reply["data"]["last_seq"].as_u64().unwrap();
+    }
+    assert!(last_acked > 0, "nothing fit under the limit");
+    assert_eq!(
+        refusal["status"], 500,
+        "the limit was never reached: {refusal}"
+    );
+    assert_eq!(refusal["body"]["code"], "internal", "{refusal}");
+
+    // Once the flush failed, the log takes no more appends, and says so.
+    let (status, reply) = s.post_json(&json!({"type": "small"}));
+    assert_eq!(
+        (status, &reply["code"]),
+        (500, &json!("internal")),
+        "{reply}"
+    );
+    let message = reply["error"].as_str().unwrap_or("");
+    assert!(message.contains("restart the server"), "{message}");
+    let response = s.http().get(s.url("/healthz")).send().expect("healthz");
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let health: Value = response.json().expect("healthz body");
+    assert_eq!(health["status"], "unavailable", "{health}");
+    assert_eq!(health["head"]["seq"], last_acked, "{health}");
+    s.terminate();
+
+    // Without the limit, a restart finds every acknowledged event and appends again.
+    let s = Server::start_on(&data, &[]);
+    assert!(s.export_lines().len() as u64 >= last_acked);
+    let (_, verify) = s.get("/v1/verify");
+    assert_eq!(verify["data"]["ok"], true, "{verify}");
+    assert_eq!(s.post_json(&json!({"type": "small"})).0, 201);
+    assert_eq!(s.get("/healthz").1["status"], "ok");
 }

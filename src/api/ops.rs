@@ -22,8 +22,9 @@ pub struct Health {
 }
 
 /// `ok` while the server answers; in cluster mode, `starting` until the node has
-/// caught up with the cluster's log and `unavailable` while it cannot reach NATS (both
-/// with HTTP 503).
+/// caught up with the cluster's log and `unavailable` while it cannot reach NATS; in any
+/// mode `unavailable` once the log stopped taking appends (disk failure). Both with
+/// HTTP 503.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
@@ -41,14 +42,20 @@ pub enum HealthStatus {
         (status = 200, description = "The server is up (and in cluster mode, ready)",
             body = Health),
         (status = 503, description = "Cluster mode: this node is catching up with the \
-            cluster's log (`starting`) or cannot reach NATS (`unavailable`); it still \
+            cluster's log (`starting`) or cannot reach NATS (`unavailable`). Any mode: \
+            the log stopped taking appends after a disk failure (`unavailable`). It still \
             serves what it has", body = Health,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     )
 )]
 pub async fn healthz(State(state): State<AppState>) -> Response {
     use crate::cluster::Readiness;
-    let readiness = state.cluster.as_ref().map(|c| c.readiness());
+    // A log that stopped taking appends (its disk failed) is not healthy on a single
+    // node either: a load balancer should send writers elsewhere.
+    let readiness = match &state.cluster {
+        Some(cluster) => Some(cluster.readiness()),
+        None => state.writer.failure().map(|_| Readiness::Unavailable),
+    };
     let status = match readiness {
         None | Some(Readiness::Ready) => HealthStatus::Ok,
         Some(Readiness::Starting) => HealthStatus::Starting,

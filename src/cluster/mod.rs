@@ -86,6 +86,13 @@ pub enum ClusterError {
         position: u64,
         first: u64,
     },
+    #[error(
+        "refusing to start: this node's copy does not match the stream {stream}: {reason}. \
+         It was appended to outside the cluster (or belongs to another cluster); as sequencer \
+         it would seal on events no other node has and stop them all. Start this node on a \
+         new data directory, or on a copy of another node's (docs/cluster.md)"
+    )]
+    Diverged { stream: String, reason: String },
 }
 
 /// Subjects and bucket names derived from the stream name.
@@ -392,7 +399,9 @@ pub async fn start(
     let (start_target, _) = read_stream_head(&log, &names)
         .await
         .map_err(ClusterError::JetStream)?;
-    check_not_behind(&log, &names, *writer.applied_stream().borrow()).await?;
+    let position = *writer.applied_stream().borrow();
+    check_not_behind(&log, &names, position).await?;
+    check_copy_matches_stream(&log, &names, &store, position).await?;
 
     let status = Arc::new(Status {
         node: opts.node.clone(),
@@ -540,6 +549,75 @@ async fn check_not_behind(
         });
     }
     Ok(())
+}
+
+/// Refuses a copy whose head is not the last event of the stream message it says it
+/// applied last (`position`): events appended to the directory without the cluster.
+/// A copy whose last applied message was trimmed away cannot be compared; retention
+/// only trims what every node applied, so that copy was a node's in step with the stream.
+/// A copy that applied more than the stream holds is refused too.
+async fn check_copy_matches_stream(
+    log: &stream::Stream,
+    names: &Names,
+    store: &Store,
+    position: u64,
+) -> Result<(), ClusterError> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let head = store.head();
+    let diverged = |reason: String| ClusterError::Diverged {
+        stream: names.stream.clone(),
+        reason,
+    };
+    if position == 0 {
+        return match head.seq {
+            0 => Ok(()),
+            n => Err(diverged(format!(
+                "it holds {n} events but none came from the stream"
+            ))),
+        };
+    }
+    let message = match log.get_raw_message(position).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
+            let last = log
+                .get_info()
+                .await
+                .map_err(|e| ClusterError::JetStream(e.to_string()))?
+                .state
+                .last_sequence;
+            return match last < position {
+                // The stream was deleted and created again, or lost what it acknowledged.
+                true => Err(diverged(format!(
+                    "it applied stream message {position} but the stream ends at {last}"
+                ))),
+                false => Ok(()),
+            };
+        }
+        Err(e) => return Err(ClusterError::JetStream(e.to_string())),
+    };
+    let newest = GroupMessage::decode(&message.payload)
+        .and_then(|g| crate::store::decode_chunk(&g.events).map_err(|e| e.to_string()))
+        .map_err(ClusterError::JetStream)?
+        .pop();
+    let newest_hash = newest
+        .as_ref()
+        .and_then(|e| crate::chain::inspect_line(e.line.as_bytes()).ok())
+        .map(|info| info.stated_hash);
+    match (newest, newest_hash) {
+        (Some(e), Some(hash)) if e.seq == head.seq && hash == head.hash => Ok(()),
+        (Some(e), _) if e.seq == head.seq => Err(diverged(format!(
+            "its event {} differs from the one in stream message {position}",
+            e.seq
+        ))),
+        (Some(e), _) => Err(diverged(format!(
+            "its head is event {} but stream message {position}, the last it applied, ends \
+             at event {}",
+            head.seq, e.seq
+        ))),
+        (None, _) => Err(diverged(format!(
+            "stream message {position} holds no events"
+        ))),
+    }
 }
 
 /// Marks the node ready once it has applied the stream as it was at start.

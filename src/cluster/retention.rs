@@ -77,18 +77,11 @@ pub async fn start(
     let key = applied_key(&status.node);
     let mine = pruned_stream_seq(&store).map_err(|e| ClusterError::JetStream(e.to_string()))?;
     // What this data directory has pruned, whatever an earlier life of this node name
-    // reported: the entry must never claim more than the copy holds.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match map.put(&key, mine.to_string().into_bytes()).await {
-            Ok(_) => break,
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::info!(error = %e, "cannot register for retention yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(ClusterError::JetStream(e.to_string())),
-        }
-    }
+    // reported: the entry must never claim more than the copy holds. (A failed put is
+    // NATS's side: the caller retries the whole start.)
+    map.put(&key, mine.to_string().into_bytes())
+        .await
+        .map_err(|e| ClusterError::JetStream(format!("registering for retention: {e}")))?;
     // A purge decided before the entry existed may have passed this copy meanwhile.
     let position = *status.writer.applied_stream().borrow();
     if let Err(e) = super::check_not_behind(&status.log, &status.names, position).await {

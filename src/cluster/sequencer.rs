@@ -13,7 +13,7 @@
 //! requests that arrive meanwhile form the next group, as on a single node.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -73,17 +73,24 @@ enum StepDown {
 }
 
 impl Sequencer {
-    /// Competes for the lease until shutdown; leads while it holds it.
+    /// Competes for the lease until shutdown; leads while it holds it. A node whose log
+    /// stopped ([`Writer::failure`]) stops competing: it could only take the lease, fail
+    /// to lead and keep the others waiting.
     pub(super) async fn run(self, shutdown: CancellationToken) {
         let node = bytes::Bytes::from(self.status.node.clone());
         loop {
+            if let Some(reason) = self.writer.failure() {
+                tracing::warn!(%reason, "this node's log stopped; it no longer competes for the sequencer lease");
+                return;
+            }
             match self.lease.create(LEASE_KEY, node.clone()).await {
                 Ok(revision) => {
                     let lost = CancellationToken::new();
+                    let held = Arc::new(AtomicU64::new(revision));
                     let renewing = tokio::spawn(renew(
                         self.lease.clone(),
                         node.clone(),
-                        revision,
+                        held.clone(),
                         self.lease_time,
                         lost.clone(),
                     ));
@@ -95,7 +102,7 @@ impl Sequencer {
                     match why {
                         StepDown::Shutdown => {
                             // Let another node take over at once, not after the lease time.
-                            let _ = self.lease.purge(LEASE_KEY).await;
+                            self.release(held.load(Ordering::Relaxed)).await;
                             return;
                         }
                         StepDown::LeaseLost => tracing::warn!("lost the sequencer lease"),
@@ -104,6 +111,7 @@ impl Sequencer {
                         }
                         StepDown::Failed(reason) => {
                             tracing::warn!(%reason, "stepping down as sequencer");
+                            self.release(held.load(Ordering::Relaxed)).await;
                         }
                     }
                 }
@@ -114,6 +122,18 @@ impl Sequencer {
                 () = tokio::time::sleep(self.lease_time / 3) => {}
                 () = shutdown.cancelled() => return,
             }
+        }
+    }
+
+    /// Gives the lease up at once, if this node still holds it (`revision`): only the
+    /// holder's own revision is purged, never a lease another node took since.
+    async fn release(&self, revision: u64) {
+        if let Err(e) = self
+            .lease
+            .purge_expect_revision(LEASE_KEY, Some(revision))
+            .await
+        {
+            tracing::debug!(error = %e, "releasing the sequencer lease failed; it expires");
         }
     }
 
@@ -153,6 +173,13 @@ impl Sequencer {
                     Some(Some(m)) => batch.push(m),
                     _ => break,
                 }
+            }
+            // Sealing runs ahead of this node's copy: once the copy stopped, so must
+            // sealing, or it would go on for up to MAX_AHEAD messages.
+            if let Some(reason) = self.writer.failure() {
+                self.answer_retry(batch.iter().filter_map(|m| m.reply.clone()).collect())
+                    .await;
+                return StepDown::Failed(format!("this node's log stopped: {reason}"));
             }
             // Groups are sealed on the head the stream acknowledged, not on this node's
             // store: bounded, so that a slow copy holds the sequencer back.
@@ -522,20 +549,22 @@ fn plain_bytes(events: &[crate::event::Event]) -> usize {
     events.iter().map(|e| e.line.len() + 64).sum()
 }
 
-/// Renews the lease every third of its time; cancels `lost` when it cannot.
+/// Renews the lease every third of its time, keeping `held` at the revision this node
+/// holds; cancels `lost` when it cannot.
 async fn renew(
     lease: kv::Store,
     node: bytes::Bytes,
-    mut revision: u64,
+    held: Arc<AtomicU64>,
     lease_time: Duration,
     lost: CancellationToken,
 ) {
     let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(lease_time / 3).await;
+        let revision = held.load(Ordering::Relaxed);
         match lease.update(LEASE_KEY, node.clone(), revision).await {
             Ok(r) => {
-                revision = r;
+                held.store(r, Ordering::Relaxed);
                 renewed = Instant::now();
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {

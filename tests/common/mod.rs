@@ -83,7 +83,28 @@ impl Server {
     /// for it to listen and answer `/healthz`. On failure (it exited, e.g. its port was
     /// still taken), returns its log.
     pub fn launch(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Result<Server, String> {
-        let mut command = Command::new(BIN);
+        Server::launch_command(Command::new(BIN), data, extra, envs)
+    }
+
+    /// A server on `data` that may write no file larger than `bytes`: once its store
+    /// needs more, writes fail with EFBIG, as on a full disk (SIGXFSZ, which would kill
+    /// it instead, is ignored, and that survives the exec).
+    pub fn start_with_file_limit(data: &Path, extra: &[&str], bytes: u64) -> Server {
+        let mut command = Command::new("sh");
+        command.args(["-c", "trap '' XFSZ; exec prlimit --fsize=\"$0\" \"$@\""]);
+        command.arg(bytes.to_string()).arg(BIN);
+        Server::launch_command(command, data, extra, &[]).unwrap_or_else(|log| {
+            panic!("cairn serve did not start; its log:\n{log}");
+        })
+    }
+
+    /// `launch` with `command` (the binary, or a wrapper that execs it) as the process.
+    fn launch_command(
+        mut command: Command,
+        data: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Server, String> {
         command.arg("serve").arg("--data").arg(data);
         if !extra.contains(&"--listen") {
             command.args(["--listen", "127.0.0.1:0"]);
