@@ -311,4 +311,37 @@ fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
         );
         assert_eq!(code, 0, "{out}{err}");
     }
+
+    // Without the leaf hashes below the horizon (the tree stream lost, as on a cluster
+    // whose horizon has not moved since the tree stream existed), an empty node cannot
+    // start there: it refuses, says how to seed it, and does not hold the trim back.
+    delete_stream(&nats, &format!("{STREAM}_TREE"));
+    let e_args = args(&nats, "e", &[]);
+    let e_args: Vec<&str> = e_args.iter().map(String::as_str).collect();
+    match Server::launch(&fresh_dir(), &e_args, &[]) {
+        Ok(_) => panic!("a node started at a horizon without its leaf hashes"),
+        Err(log) => assert!(
+            log.contains("tree stream") && log.contains("Seed this node"),
+            "{log}"
+        ),
+    }
+    append(&a.server, "after-e", 20);
+    wait_horizon(&nodes, 1840, 1641);
+    wait_until(SETTLE, "the stream trimmed past the refused node", || {
+        stream_range(&nats).map(|r| r.0) == Some(trimmed + 22)
+    });
+}
+
+/// Deletes a JetStream stream (with its messages) through a NATS client.
+fn delete_stream(nats: &NatsCluster, name: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let urls: Vec<String> = nats.urls().split(',').map(str::to_string).collect();
+        let client = async_nats::connect(urls).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        js.delete_stream(name).await.expect("delete the stream");
+    });
 }
