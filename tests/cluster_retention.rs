@@ -267,9 +267,17 @@ fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
     assert_same_pruned_log(&nodes, 1601, 1800);
     // Pruned events and their proofs are gone there too.
     let (status, body) = d.server.get(&format!("/v1/events/{first_id}"));
-    assert_eq!((status, body["code"].as_str()), (410, Some("gone")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
     let (status, body) = d.server.get("/v1/proof/inclusion?seq=1600");
-    assert_eq!((status, body["code"].as_str()), (410, Some("gone")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
 
     // It takes part in the next horizon: appends through it, prunes, and the stream is
     // trimmed behind it too.

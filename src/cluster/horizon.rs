@@ -88,7 +88,9 @@ impl TreeLog {
             .get_last_raw_message_by_subject(&self.subject)
             .await
         {
-            Ok(message) => decode(&message.payload).map(|(first, hashes)| first + hashes.len() as u64),
+            Ok(message) => {
+                decode(&message.payload).map(|(first, hashes)| first + hashes.len() as u64)
+            }
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(format!("reading the tree stream: {e}")),
         }
@@ -96,7 +98,11 @@ impl TreeLog {
 
     /// The sequencer, before it writes a horizon `through`: appends the leaf hashes the
     /// stream lacks below it, read from this node's copy (which keeps every leaf hash).
-    pub(super) async fn publish_through(&self, store: &Arc<Store>, through: u64) -> Result<(), String> {
+    pub(super) async fn publish_through(
+        &self,
+        store: &Arc<Store>,
+        through: u64,
+    ) -> Result<(), String> {
         let mut end = self.published_end().await?;
         while end < through {
             let count = (through - end).min(LEAVES_PER_MESSAGE);

@@ -353,7 +353,11 @@ impl Connection {
     /// An empty copy of a log whose stream retention has trimmed starts at the cluster's
     /// horizon (docs/retention.md, "Cluster mode", step 5); any other copy is left as it
     /// is. Call before the writer starts.
-    pub async fn start_from_horizon(&self, store: &Arc<Store>, node: &str) -> Result<(), ClusterError> {
+    pub async fn start_from_horizon(
+        &self,
+        store: &Arc<Store>,
+        node: &str,
+    ) -> Result<(), ClusterError> {
         let retention = self.shared.map("retention").await?;
         horizon::seed_if_empty(&self.log, &self.tree, &self.names, &retention, node, store).await
     }
