@@ -198,6 +198,12 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
                 None => store.set_cluster_stream(&cluster_opts.stream)?,
             }
             let connection = crate::cluster::connect(cluster_opts).await?;
+            retry_while_unavailable("the cluster's horizon", || async {
+                Ok(connection
+                    .start_from_horizon(&store, &cluster_opts.node)
+                    .await?)
+            })
+            .await?;
             retry_while_unavailable("the cluster's signing key", || async {
                 let config = connection.shared.map("config").await?;
                 checkpoint::share_key(&config, &opts.data, opts.origin.as_deref()).await?;

@@ -1005,6 +1005,103 @@ impl Store {
         Ok(())
     }
 
+    /// Cluster mode, an empty copy that starts from the cluster's horizon: writes the
+    /// leaf hashes of leaves `first_leaf..` as kept hashes (`k`), replacing any from
+    /// `first_leaf` on (a seeding interrupted by a crash is done again). Not durable, and
+    /// invisible until [`Store::seed_at_horizon`] writes the horizon. `first_leaf` must
+    /// continue what is written: a block's value always starts at the block's first leaf.
+    pub fn seed_leaf_hashes(&self, first_leaf: u64, hashes: &[[u8; 32]]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut leaf = first_leaf;
+        let mut rest = hashes;
+        while let Some(first) = rest.first() {
+            let block = leaf / BLOCK_LEAVES;
+            let offset = ((leaf - block * BLOCK_LEAVES) * 32) as usize;
+            let mut value = match offset {
+                0 => Vec::new(),
+                _ => self
+                    .log
+                    .get(block_key(KEPT_PREFIX, block))?
+                    .map(|v| v.to_vec())
+                    .unwrap_or_default(),
+            };
+            if value.len() < offset {
+                return Err(StoreError::Corrupt(format!(
+                    "seeded leaf hashes of block {block} end before leaf {leaf}"
+                )));
+            }
+            value.truncate(offset);
+            let n = ((block + 1) * BLOCK_LEAVES - leaf).min(rest.len() as u64) as usize;
+            value.extend_from_slice(first);
+            for hash in &rest[1..n] {
+                value.extend_from_slice(hash);
+            }
+            batch.insert(&block_key(KEPT_PREFIX, block)[..], value);
+            rest = &rest[n..];
+            leaf += n as u64;
+        }
+        self.log.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Cluster mode: makes an empty copy start at `horizon`, with the stream message
+    /// `stream_seq` that follows it (`events` as `encoded` carries them, and its
+    /// idempotency records): horizon, events and stream position in one durable batch, so
+    /// the copy is either still empty or a log pruned at `horizon`, as if it had pruned
+    /// there itself. The leaf hashes below the horizon must be written first
+    /// ([`Store::seed_leaf_hashes`]); the caller has checked the events' chain. The
+    /// Merkle tree's stored hashes are built afterwards by [`crate::merkle::catch_up`].
+    pub fn seed_at_horizon(
+        &self,
+        horizon: Horizon,
+        events: &[Event],
+        encoded: &[u8],
+        stream_seq: u64,
+        idempotency: &[(String, String, IdempotencyRecord)],
+    ) -> Result<()> {
+        if self.head().seq != 0 || self.horizon().pruned_through != 0 {
+            return Err(StoreError::Corrupt(
+                "only an empty log can start at the cluster's horizon".into(),
+            ));
+        }
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Err(StoreError::Corrupt("no events after the horizon".into()));
+        };
+        if first.seq != horizon.first_seq() {
+            return Err(StoreError::Corrupt(format!(
+                "the events after horizon {} begin at seq {}",
+                horizon.pruned_through, first.seq
+            )));
+        }
+        let last_kept = horizon.pruned_through.checked_sub(1).and_then(|leaf| {
+            self.kept_leaf_hash(leaf)
+                .transpose()
+                .map(|h| h.map(|h| h == horizon.last_pruned_hash))
+        });
+        if !matches!(last_kept, Some(Ok(true))) {
+            return Err(StoreError::Corrupt(format!(
+                "the seeded leaf hashes do not end with event {}'s hash",
+                horizon.pruned_through
+            )));
+        }
+        let mut batch = CommitBatch::default();
+        batch.add_encoded_events(events, encoded);
+        batch.add_group_start(first.seq, stream_seq);
+        batch.set_stream_position(stream_seq);
+        for (token_id, key, record) in idempotency {
+            batch.add_idempotency(token_id, key, record);
+        }
+        let record = bincode::serde::encode_to_vec(horizon, bincode_config())
+            .map_err(|e| StoreError::Corrupt(format!("horizon record: {e}")))?;
+        batch.batch.insert(HORIZON_KEY, record);
+        let head = Head::of(last)?;
+        self.apply(batch)?;
+        self.sync()?;
+        *self.horizon.write().unwrap_or_else(|p| p.into_inner()) = horizon;
+        self.set_committed(head);
+        Ok(())
+    }
+
     /// A pruned leaf's hash, if it was kept.
     fn kept_leaf_hash(&self, leaf: u64) -> Result<Option<[u8; 32]>> {
         let block = leaf / BLOCK_LEAVES;

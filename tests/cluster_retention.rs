@@ -258,11 +258,98 @@ fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
     ]);
     assert!(ok, "{out}");
 
-    // A node started empty now could never catch up: it refuses, and says how to seed it.
-    let d_args = args(&nats, "d", &[]);
-    let d_args: Vec<&str> = d_args.iter().map(String::as_str).collect();
-    match Server::launch(&fresh_dir(), &d_args, &[]) {
-        Ok(_) => panic!("a node behind the trimmed stream started"),
-        Err(log) => assert!(log.contains("Seed this node"), "{log}"),
+    // A node started empty now starts at the cluster's horizon: the stream holds
+    // nothing before it, so it takes the horizon and the leaf hashes below it
+    // (`<stream>_TREE`), and then follows the stream like the others.
+    let d = start_node(&nats, "d", &fresh_dir(), Some(&token), &[]);
+    let nodes = [&a.server, &b.server, &c.server, &d.server];
+    wait_horizon(&nodes, 1800, 1601);
+    assert_same_pruned_log(&nodes, 1601, 1800);
+    // Pruned events and their proofs are gone there too.
+    let (status, body) = d.server.get(&format!("/v1/events/{first_id}"));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
+    let (status, body) = d.server.get("/v1/proof/inclusion?seq=1600");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
+
+    // It takes part in the next horizon: appends through it, prunes, and the stream is
+    // trimmed behind it too.
+    append(&d.server, "after-d", 20);
+    wait_horizon(&nodes, 1820, 1621);
+    assert_same_pruned_log(&nodes, 1621, 1820);
+    wait_until(SETTLE, "the stream trimmed behind the new node too", || {
+        stream_range(&nats).map(|r| r.0) == Some(trimmed + 21)
+    });
+
+    // Its Merkle tree is the cluster's: the checkpoint node a signed before any prune
+    // verifies against the one node d signs, and a retained event's inclusion proof
+    // verifies against it.
+    wait_checkpoint_covers(&d.server, 1820);
+    let old_again = files.path().join("old-again.checkpoint");
+    std::fs::write(&old_again, &saved).expect("write");
+    let (code, out, err) = d.server.cairn(&[
+        "verify",
+        "--checkpoint",
+        old_again.to_str().expect("path"),
+        "--key",
+        key.trim(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for seq in ["1621", "1700", "1820"] {
+        let (code, proof, err) = d.server.cairn(&["proof", seq]);
+        assert_eq!(code, 0, "{proof}{err}");
+        let proof_file = files.path().join(format!("proof-{seq}.json"));
+        std::fs::write(&proof_file, &proof).expect("write");
+        let (code, out, err) = cairn(
+            &[
+                "verify",
+                "--proof",
+                proof_file.to_str().expect("path"),
+                "--key",
+                key.trim(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{out}{err}");
     }
+
+    // Without the leaf hashes below the horizon (the tree stream lost, as on a cluster
+    // whose horizon has not moved since the tree stream existed), an empty node cannot
+    // start there: it refuses, says how to seed it, and does not hold the trim back.
+    delete_stream(&nats, &format!("{STREAM}_TREE"));
+    let e_args = args(&nats, "e", &[]);
+    let e_args: Vec<&str> = e_args.iter().map(String::as_str).collect();
+    match Server::launch(&fresh_dir(), &e_args, &[]) {
+        Ok(_) => panic!("a node started at a horizon without its leaf hashes"),
+        Err(log) => assert!(
+            log.contains("tree stream") && log.contains("Seed this node"),
+            "{log}"
+        ),
+    }
+    append(&a.server, "after-e", 20);
+    wait_horizon(&nodes, 1840, 1641);
+    wait_until(SETTLE, "the stream trimmed past the refused node", || {
+        stream_range(&nats).map(|r| r.0) == Some(trimmed + 22)
+    });
+}
+
+/// Deletes a JetStream stream (with its messages) through a NATS client.
+fn delete_stream(nats: &NatsCluster, name: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let urls: Vec<String> = nats.urls().split(',').map(str::to_string).collect();
+        let client = async_nats::connect(urls).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        js.delete_stream(name).await.expect("delete the stream");
+    });
 }

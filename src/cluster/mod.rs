@@ -24,6 +24,7 @@
 
 mod applier;
 mod forward;
+mod horizon;
 mod retention;
 mod sequencer;
 mod shared;
@@ -78,7 +79,8 @@ pub enum ClusterError {
     #[error(
         "refusing to start: this node's copy ends at stream message {position}, but retention \
          has trimmed the stream {stream} to begin at {first}; the messages in between are gone. \
-         Seed this node with a copy of another node's data directory (stopped, or copied \
+         Start it on an empty data directory (it then starts at the cluster's horizon), or \
+         seed this node with a copy of another node's data directory (stopped, or copied \
          while it is stopped) and start it again (docs/retention.md, \"Cluster mode\")"
     )]
     Behind {
@@ -93,6 +95,13 @@ pub enum ClusterError {
          new data directory, or on a copy of another node's (docs/cluster.md)"
     )]
     Diverged { stream: String, reason: String },
+    #[error(
+        "refusing to start: retention has trimmed the stream {stream}, and this empty node \
+         cannot start at the cluster's horizon: {reason}. Seed this node with a copy of \
+         another node's data directory (stopped, or copied while it is stopped) and start \
+         it again (docs/retention.md, \"Cluster mode\")"
+    )]
+    NoHorizon { stream: String, reason: String },
 }
 
 /// Subjects and bucket names derived from the stream name.
@@ -104,6 +113,9 @@ struct Names {
     /// Forwarded ingest requests (not a stream subject): `<ingest>.<node, hex>`.
     ingest: String,
     lease_bucket: String,
+    /// The stream of Merkle leaf hashes below retention's horizon, never purged.
+    tree_stream: String,
+    tree: String,
 }
 
 impl Names {
@@ -113,6 +125,8 @@ impl Names {
             log: format!("cairn.{stream}.log"),
             ingest: format!("cairn.{stream}.ingest"),
             lease_bucket: format!("{stream}_lease"),
+            tree_stream: format!("{stream}_TREE"),
+            tree: format!("cairn.{stream}.tree"),
         }
     }
 
@@ -158,6 +172,8 @@ pub struct Status {
     writer: Writer,
     log: stream::Stream,
     names: Names,
+    /// Where the sequencer publishes the leaf hashes below a new horizon.
+    tree: horizon::TreeLog,
 }
 
 /// The `cluster` member of `/healthz`.
@@ -336,7 +352,22 @@ pub struct Connection {
     js: jetstream::Context,
     log: stream::Stream,
     names: Names,
+    tree: horizon::TreeLog,
     pub shared: Shared,
+}
+
+impl Connection {
+    /// An empty copy of a log whose stream retention has trimmed starts at the cluster's
+    /// horizon (docs/retention.md, "Cluster mode", step 5); any other copy is left as it
+    /// is. Call before the writer starts.
+    pub async fn start_from_horizon(
+        &self,
+        store: &Arc<Store>,
+        node: &str,
+    ) -> Result<(), ClusterError> {
+        let retention = self.shared.map("retention").await?;
+        horizon::seed_if_empty(&self.log, &self.tree, &self.names, &retention, node, store).await
+    }
 }
 
 /// Connects, and checks (or creates) the stream. A NATS cluster that is starting too
@@ -365,6 +396,7 @@ pub async fn connect(opts: &ClusterOptions) -> Result<Connection, ClusterError> 
             other => break other?,
         }
     };
+    let tree = horizon::TreeLog::open(&js, &names, opts.replicas).await?;
     let shared = Shared {
         js: js.clone(),
         stream: names.stream.clone(),
@@ -375,6 +407,7 @@ pub async fn connect(opts: &ClusterOptions) -> Result<Connection, ClusterError> 
         js,
         log,
         names,
+        tree,
         shared,
     })
 }
@@ -393,6 +426,7 @@ pub async fn start(
         js,
         log,
         names,
+        tree,
         shared,
     } = connection;
     let lease = sequencer::lease_bucket(&js, &names, opts.replicas, opts.lease).await?;
@@ -413,6 +447,7 @@ pub async fn start(
         writer: writer.clone(),
         log: log.clone(),
         names: names.clone(),
+        tree,
     });
     tracing::info!(
         node = %opts.node,

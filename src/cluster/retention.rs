@@ -26,7 +26,7 @@ use ulid::Ulid;
 use super::{ClusterError, SharedMap, Status, Written};
 use crate::checkpoint::Checkpointer;
 use crate::retention::Policy;
-use crate::store::{Store, StoreError};
+use crate::store::{Horizon, Store, StoreError};
 
 /// How often the bounds, the target and the purge are looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -34,19 +34,34 @@ const TARGET_KEY: &str = "target";
 
 /// The cluster's horizon.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct Target {
+pub(super) struct Target {
     /// The last event pruned everywhere: the last event of a stream group.
-    pruned_through: u64,
-    last_pruned_id: Ulid,
+    pub(super) pruned_through: u64,
+    pub(super) last_pruned_id: Ulid,
     /// Hex of its hash: the next event's `prev_hash`.
-    last_pruned_hash: String,
+    pub(super) last_pruned_hash: String,
     /// The stream sequence of the message holding `pruned_through`.
-    stream_seq: u64,
+    pub(super) stream_seq: u64,
+}
+
+impl Target {
+    /// The store's horizon record for this target.
+    pub(super) fn horizon(&self) -> Result<Horizon, String> {
+        let hash = hex::decode(&self.last_pruned_hash)
+            .ok()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or("the retention target's hash is not 32 bytes of hex")?;
+        Ok(Horizon {
+            pruned_through: self.pruned_through,
+            last_pruned_id: Some(self.last_pruned_id),
+            last_pruned_hash: hash,
+        })
+    }
 }
 
 /// `applied.<node>`: node names (the default is the listen address) in hex, one KV key
 /// token.
-fn applied_key(node: &str) -> String {
+pub(super) fn applied_key(node: &str) -> String {
     let hex: String = node.bytes().map(|b| format!("{b:02x}")).collect();
     format!("applied.{hex}")
 }
@@ -139,7 +154,7 @@ fn failed(status: &Status, what: &str, error: &str) {
 }
 
 /// The target's value and revision (`None`: no horizon yet).
-async fn read_target(map: &SharedMap) -> Result<Option<(Target, u64)>, String> {
+pub(super) async fn read_target(map: &SharedMap) -> Result<Option<(Target, u64)>, String> {
     let Some(entry) = map.get(TARGET_KEY).await.map_err(|e| e.to_string())? else {
         return Ok(None);
     };
@@ -169,6 +184,12 @@ async fn decide(
     let Some(target) = proposal else {
         return Ok(());
     };
+    // Before the horizon exists, the leaf hashes below it are where a node that starts
+    // empty reads them (the stream is trimmed only behind a written horizon).
+    status
+        .tree
+        .publish_through(&status.store, target.pruned_through)
+        .await?;
     let value = serde_json::to_vec(&target).map_err(|e| e.to_string())?;
     let written = match current {
         None => map.create(TARGET_KEY, value).await,
