@@ -1103,10 +1103,10 @@ fn a_copy_that_does_not_match_the_stream_is_refused() {
         return;
     }
     let nats = NatsCluster::start(3);
-    let a_data = tempfile::tempdir().expect("tempdir").keep().join("data");
+    let mut a = node(&nats, "a", None);
+    let a_data = a.data.clone();
     let a_args = node_args(&nats, "a");
     let a_refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
-    let mut a = Server::start_on(&a_data, &a_refs);
     for round in 0..3 {
         assert_eq!(post(&a, &batch(&format!("a{round}"), 5), None).0, 201);
     }

@@ -92,6 +92,22 @@ fn checkpoint_size(note: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `cairn verify --checkpoint` of `saved` (a checkpoint signed earlier, written to `file`)
+/// against `server`: the consistency proof to its newest checkpoint must verify with the
+/// cluster's `key`. Returns the newest checkpoint, which the command leaves in `file`.
+fn verify_saved_checkpoint(server: &Server, file: &Path, saved: &str, key: &str) -> String {
+    std::fs::write(file, saved).expect("write");
+    let (code, out, err) = server.cairn(&[
+        "verify",
+        "--checkpoint",
+        file.to_str().expect("path"),
+        "--key",
+        key.trim(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::read_to_string(file).expect("read")
+}
+
 fn wait_checkpoint_covers(server: &Server, size: u64) {
     wait_until(SETTLE, "a checkpoint covering the head", || {
         checkpoint_size(&server.get_text("/v1/checkpoint").1) >= size
@@ -191,17 +207,8 @@ fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
     // A consistency proof from the checkpoint node a signed before the prune verifies
     // on node b (whose own checkpoints may never have had that size).
     let files = tempfile::tempdir().expect("tempdir");
-    let old = files.path().join("old.checkpoint");
-    std::fs::write(&old, &saved).expect("write");
-    let (code, out, err) = b.server.cairn(&[
-        "verify",
-        "--checkpoint",
-        old.to_str().expect("path"),
-        "--key",
-        key.trim(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(checkpoint_size(&std::fs::read_to_string(&old).expect("read")) >= 1201);
+    let newest = verify_saved_checkpoint(&b.server, &files.path().join("old"), &saved, &key);
+    assert!(checkpoint_size(&newest) >= 1201);
 
     // Manual prune stays refused on a cluster node.
     let first_id = head(&a.server).2;
@@ -292,16 +299,7 @@ fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
     // verifies against the one node d signs, and a retained event's inclusion proof
     // verifies against it.
     wait_checkpoint_covers(&d.server, 1820);
-    let old_again = files.path().join("old-again.checkpoint");
-    std::fs::write(&old_again, &saved).expect("write");
-    let (code, out, err) = d.server.cairn(&[
-        "verify",
-        "--checkpoint",
-        old_again.to_str().expect("path"),
-        "--key",
-        key.trim(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    verify_saved_checkpoint(&d.server, &files.path().join("old-again"), &saved, &key);
     for seq in ["1621", "1700", "1820"] {
         let (code, proof, err) = d.server.cairn(&["proof", seq]);
         assert_eq!(code, 0, "{proof}{err}");

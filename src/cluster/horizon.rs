@@ -16,7 +16,6 @@
 //! ranges (of the one chain, so the same hashes), never a gap.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
@@ -39,23 +38,16 @@ pub(super) struct TreeLog {
     subject: String,
 }
 
-/// Its settings: file storage, replicated like the log, and nothing ever removed
-/// (deletes and purges denied, no limits).
+/// Its settings: the log's (file storage, replicated like it, no limits), except that
+/// nothing is ever removed (purges denied too) and reads go to the leader, so a read
+/// after the sequencer's acknowledged publish sees it.
 fn tree_stream_config(names: &Names, replicas: usize) -> stream::Config {
     stream::Config {
         name: names.tree_stream.clone(),
         subjects: vec![names.tree.clone()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        retention: stream::RetentionPolicy::Limits,
-        max_messages: -1,
-        max_bytes: -1,
-        max_age: Duration::ZERO,
-        deny_delete: true,
         deny_purge: true,
-        // Reads go to the leader: a read after the sequencer's acknowledged publish sees it.
         allow_direct: false,
-        ..Default::default()
+        ..super::log_stream_config(names, replicas)
     }
 }
 
@@ -231,12 +223,10 @@ pub(super) async fn seed_if_empty(
 }
 
 async fn first_sequence(log: &stream::Stream) -> Result<u64, String> {
-    Ok(log
-        .get_info()
+    super::stream_state(log)
         .await
-        .map_err(|e| e.to_string())?
-        .state
-        .first_sequence)
+        .map(|state| state.first_sequence)
+        .map_err(|e| e.to_string())
 }
 
 async fn seed_once(

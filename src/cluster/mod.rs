@@ -563,6 +563,15 @@ fn describe_differences(found: &stream::Config, wanted: &stream::Config) -> Stri
     out.join(", ")
 }
 
+/// The stream's state (first and last sequence) as its leader reports it.
+pub(super) async fn stream_state(log: &stream::Stream) -> Result<stream::State, ClusterError> {
+    Ok(log
+        .get_info()
+        .await
+        .map_err(|e| ClusterError::JetStream(e.to_string()))?
+        .state)
+}
+
 /// Refuses a copy that ends before the stream's first message: retention purged what it
 /// would need next, so it could never catch up.
 async fn check_not_behind(
@@ -570,12 +579,7 @@ async fn check_not_behind(
     names: &Names,
     position: u64,
 ) -> Result<(), ClusterError> {
-    let first = log
-        .get_info()
-        .await
-        .map_err(|e| ClusterError::JetStream(e.to_string()))?
-        .state
-        .first_sequence;
+    let first = stream_state(log).await?.first_sequence;
     if first > position + 1 {
         return Err(ClusterError::Behind {
             stream: names.stream.clone(),
@@ -587,10 +591,11 @@ async fn check_not_behind(
 }
 
 /// Refuses a copy whose head is not the last event of the stream message it says it
-/// applied last (`position`): events appended to the directory without the cluster.
-/// A copy whose last applied message was trimmed away cannot be compared; retention
-/// only trims what every node applied, so that copy was a node's in step with the stream.
-/// A copy that applied more than the stream holds is refused too.
+/// applied last (`position`): events appended to the directory without the cluster, or
+/// a copy that applied more than the stream holds (the stream was deleted and created
+/// again, or lost what it acknowledged). A copy whose last applied message was trimmed
+/// away cannot be compared; retention only trims what every node applied, so that copy
+/// was a node's in step with the stream.
 async fn check_copy_matches_stream(
     log: &stream::Stream,
     names: &Names,
@@ -603,31 +608,26 @@ async fn check_copy_matches_stream(
         stream: names.stream.clone(),
         reason,
     };
-    if position == 0 {
-        return match head.seq {
-            0 => Ok(()),
-            n => Err(diverged(format!(
-                "it holds {n} events but none came from the stream"
-            ))),
-        };
+    let state = stream_state(log).await?;
+    if position > state.last_sequence {
+        return Err(diverged(format!(
+            "it applied stream message {position} but the stream ends at {}",
+            state.last_sequence
+        )));
+    }
+    if position == 0 && head.seq > 0 {
+        return Err(diverged(format!(
+            "it holds {} events but none came from the stream",
+            head.seq
+        )));
+    }
+    if position == 0 || position < state.first_sequence {
+        return Ok(());
     }
     let message = match log.get_raw_message(position).await {
         Ok(message) => message,
-        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
-            let last = log
-                .get_info()
-                .await
-                .map_err(|e| ClusterError::JetStream(e.to_string()))?
-                .state
-                .last_sequence;
-            return match last < position {
-                // The stream was deleted and created again, or lost what it acknowledged.
-                true => Err(diverged(format!(
-                    "it applied stream message {position} but the stream ends at {last}"
-                ))),
-                false => Ok(()),
-            };
-        }
+        // Trimmed since the state was read.
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(()),
         Err(e) => return Err(ClusterError::JetStream(e.to_string())),
     };
     let newest = GroupMessage::decode(&message.payload)

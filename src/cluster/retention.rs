@@ -261,12 +261,9 @@ async fn purge(status: &Status, map: &SharedMap) -> Result<(), String> {
     let Some(lowest) = lowest.filter(|&l| l > 0) else {
         return Ok(());
     };
-    let first = status
-        .log
-        .get_info()
+    let first = super::stream_state(&status.log)
         .await
         .map_err(|e| e.to_string())?
-        .state
         .first_sequence;
     if first > lowest {
         return Ok(());
