@@ -26,7 +26,7 @@ fn receiver() -> (String, Arc<AtomicU64>) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // SAFETY: a plain system call without pointers (this thread only).
-        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        let _ = unsafe { libc::nice(10) };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -634,7 +634,7 @@ impl Keeper {
 }
 
 /// Delivery runs on its own single-threaded runtime whose thread (and the blocking
-/// threads it starts, which inherit it) has a lower CPU priority (nice 10): on a busy
+/// threads it starts, which inherit it) has a lower CPU priority (nice +10): on a busy
 /// machine ingest and streams go first, and webhooks catch up in the time left over.
 /// They lose nothing by waiting (they deliver from the log). The runtime ends when
 /// `shutdown` is cancelled.
@@ -643,10 +643,11 @@ fn delivery_runtime(shutdown: CancellationToken) -> Result<tokio::runtime::Handl
     std::thread::Builder::new()
         .name("cairn-webhooks".into())
         .spawn(move || {
-            // On Linux, `who = 0` with PRIO_PROCESS is the calling thread; failing leaves
-            // the normal priority, which is only less polite.
+            // Ten below the server's own priority (nice is relative, so a server run at
+            // nice -5 delivers at 5). On Linux the nice value is the calling thread's;
+            // failing leaves the server's priority, which is only less polite.
             // SAFETY: a plain system call without pointers.
-            let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+            let _ = unsafe { libc::nice(10) };
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .thread_name("cairn-webhooks-io")

@@ -614,6 +614,29 @@ fn a_stalled_receiver_blocks_neither_ingest_nor_other_webhooks() {
         r#"cairn_webhook_lag_events{{webhook="{stalled_id}"}}"#
     ));
     assert_eq!(lag, 2_000.0);
+    // Delivery yields the CPU to ingest: its threads run ten nice levels below the
+    // server's writer (Linux keeps a nice value per thread; field 19 of `stat`).
+    let nice_of = |name: &str| -> Vec<i64> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", s.pid())).expect("tasks");
+        tasks
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                // After the `(comm)` field, which may hold spaces: state is field 3.
+                let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                (comm.trim() == name).then(|| fields[16].parse().ok())?
+            })
+            .collect()
+    };
+    let writer = nice_of("cairn-writer");
+    let delivery = nice_of("cairn-webhooks");
+    assert_eq!(writer.len(), 1, "one writer thread");
+    assert_eq!(
+        delivery,
+        vec![writer[0] + 10],
+        "the delivery thread's nice value"
+    );
     // A request in flight does not hold up a clean shutdown.
     let mut s = s;
     assert!(s.terminate().success());
