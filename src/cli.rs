@@ -64,6 +64,39 @@ pub enum Command {
     /// Manage webhooks (SPEC §7): offline on a stopped server's data directory (--data),
     /// or through a running server (--url, with an admin token).
     Webhook(WebhookArgs),
+    /// Cluster mode: look after the cluster's shared state in NATS.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Remove a node that is gone for good from retention's trim registrations, so the
+    /// JetStream stream is trimmed behind the remaining nodes again. A node started
+    /// again later under that name registers again (and refuses to start if the stream
+    /// was trimmed past its copy).
+    Forget {
+        /// The node's name (its --node; by default its listen address).
+        node: String,
+        #[command(flatten)]
+        nats: NatsPlace,
+    },
+}
+
+/// The cluster a `cairn cluster` command works on: the same flags as `serve`'s.
+#[derive(Debug, Args, Clone)]
+pub struct NatsPlace {
+    /// The NATS servers (comma list of URLs) whose JetStream holds the log.
+    #[arg(long, env = "CAIRN_NATS", value_delimiter = ',', required = true)]
+    pub nats: Vec<String>,
+    /// The JetStream stream that holds the log.
+    #[arg(long, env = "CAIRN_NATS_STREAM", default_value = "CAIRN", value_parser = stream_name)]
+    pub nats_stream: String,
 }
 
 #[derive(Debug, Args)]

@@ -13,7 +13,13 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // A command's answer is its output; the NATS client's connection notes would only
+    // be noise there.
+    let default_filter = match cli.command {
+        Command::Cluster(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_filter);
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Append(args) => commands::append::run(&args),
@@ -24,6 +30,7 @@ fn main() -> ExitCode {
         Command::Token(args) => commands::token::run(&args),
         Command::Webhook(args) => commands::webhook::run(&args),
         Command::Prune(args) => commands::prune::run(&args),
+        Command::Cluster(args) => commands::cluster::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -34,9 +41,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     use std::io::IsTerminal;
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

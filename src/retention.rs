@@ -97,11 +97,13 @@ pub fn prune_to(
         max_id,
     };
     let mut removed = 0;
-    let mut write = |events: &[Event]| match archive {
-        Some(dir) => write_archive(dir, events),
-        None => Ok(()),
-    };
-    while let Some(pruned) = store.prune(limit, &mut write)? {
+    // Without an archive the prune decodes only the chunks it needs.
+    let mut write = archive.map(|dir| move |events: &[Event]| write_archive(dir, events));
+    loop {
+        let writer = write.as_mut().map(|w| w as crate::store::Archiver<'_>);
+        let Some(pruned) = store.prune(limit, writer)? else {
+            break;
+        };
         removed += pruned.last_seq + 1 - pruned.first_seq;
         tracing::info!(
             first_seq = pruned.first_seq,

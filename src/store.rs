@@ -199,6 +199,10 @@ pub struct Pruned {
     pub horizon: Horizon,
 }
 
+/// What a prune hands the events it is about to remove (to write an archive): it must
+/// have made them durable when it returns `Ok`.
+pub type Archiver<'a> = &'a mut dyn FnMut(&[Event]) -> Result<()>;
+
 /// Which events a prune may remove: those with `seq <= max_seq` and `id <= max_id`.
 #[derive(Debug, Clone, Copy)]
 pub struct PruneLimit {
@@ -396,6 +400,78 @@ fn seq_from_key(key: &[u8]) -> Result<u64> {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
         .ok_or_else(|| StoreError::Corrupt("malformed seq index key".into()))
+}
+
+/// One chunk a prune removes: its seq range (from the seq index), its stored bytes, and
+/// where its events are in the prune's decoded events, if it was decoded.
+struct PrunedChunk {
+    seq: u64,
+    /// Its last seq: the next chunk's first seq − 1.
+    end: u64,
+    id: Ulid,
+    /// The next chunk's first id.
+    next_id: Ulid,
+    bytes: sled::IVec,
+    /// Its events, when they were decoded to find where the batch ends.
+    early: Option<Vec<Event>>,
+    decoded: Option<std::ops::Range<usize>>,
+}
+
+impl PrunedChunk {
+    /// Decodes the chunk and checks it holds exactly the seqs and ids the seq index says.
+    fn decode(&self) -> Result<Vec<Event>> {
+        let chunk = decode_chunk(&self.bytes)?;
+        let fits = match (chunk.first(), chunk.last()) {
+            (Some(first), Some(last)) => {
+                first.seq == self.seq
+                    && first.id == self.id
+                    && last.seq == self.end
+                    && chunk.len() as u64 == self.end + 1 - self.seq
+                    && last.id < self.next_id
+            }
+            _ => false,
+        };
+        if !fits {
+            return Err(StoreError::Corrupt(format!(
+                "chunk of seq {} does not hold exactly seqs {}..={} as the seq index says",
+                self.seq, self.seq, self.end
+            )));
+        }
+        Ok(chunk)
+    }
+}
+
+/// Which pruned blocks keep their leaf hashes (`k`).
+struct KeptBlocks {
+    /// Cluster mode: every block.
+    every: bool,
+    /// Blocks below this tree size count as cut (`n`).
+    noted_from: u64,
+    /// Blocks a signed checkpoint's size cuts (`c`), within the pruned range.
+    cut: std::collections::BTreeSet<u64>,
+    /// The block the new horizon falls inside.
+    horizon: u64,
+}
+
+impl KeptBlocks {
+    fn contains(&self, block: u64) -> bool {
+        self.every
+            || block * BLOCK_LEAVES < self.noted_from
+            || block == self.horizon
+            || self.cut.contains(&block)
+    }
+}
+
+/// The block holding event `seq`'s leaf.
+fn leaf_block(seq: u64) -> u64 {
+    (seq - 1) / BLOCK_LEAVES
+}
+
+/// A seq index entry: a chunk's first seq and first id.
+fn seq_index_entry((key, value): (sled::IVec, sled::IVec)) -> Result<(u64, Ulid)> {
+    let id = <[u8; 16]>::try_from(value.as_ref())
+        .map_err(|_| StoreError::Corrupt("malformed seq index entry".into()))?;
+    Ok((seq_from_key(&key)?, Ulid(u128::from_be_bytes(id))))
 }
 
 fn tree_key(index: u64) -> [u8; 9] {
@@ -846,14 +922,19 @@ impl Store {
 
     /// Removes whole chunks, oldest first, whose events are all within `limit`, never
     /// the last event, and at most [`PRUNE_BATCH_CHUNKS`] chunks (call again for more).
-    /// `archive` gets the events first and must have made them durable when it returns
-    /// `Ok`; then one batch removes them and records the new horizon, durable with the
-    /// next [`Store::sync`] (until then a crash brings the events back, never half of
-    /// them). `None` when no whole chunk is within the limit.
+    /// `archive`, when given, gets the events first and must have made them durable when
+    /// it returns `Ok`; then one batch removes them and records the new horizon, durable
+    /// with the next [`Store::sync`] (until then a crash brings the events back, never
+    /// half of them). `None` when no whole chunk is within the limit.
+    ///
+    /// Only the chunks whose events are needed are decoded: the batch's last (the new
+    /// horizon's id and hash), those touching a block whose leaf hashes are kept, and all
+    /// of them when archiving. Any other chunk's seq range comes from the seq index (it
+    /// ends where the next one begins), and its bytes from its stored value's length.
     pub fn prune(
         &self,
         limit: PruneLimit,
-        archive: &mut dyn FnMut(&[Event]) -> Result<()>,
+        mut archive: Option<Archiver<'_>>,
     ) -> Result<Option<Pruned>> {
         let _one_at_a_time = self.prune_lock.lock().unwrap_or_else(|p| p.into_inner());
         let horizon = self.horizon();
@@ -863,69 +944,100 @@ impl Store {
         }
         // Chunks in seq order: each one ends where the next begins, so a chunk is
         // only taken when a later one exists (the last event stays).
-        let mut starts = self
+        let mut index = self
             .log
-            .range(&seq_key(horizon.first_seq())[..]..=&seq_key(u64::MAX)[..])
-            .peekable();
-        let mut chunks: Vec<(u64, Ulid)> = Vec::new();
+            .range(&seq_key(horizon.first_seq())[..]..=&seq_key(u64::MAX)[..]);
+        let Some(first) = index.next() else {
+            return Ok(None);
+        };
+        let (mut seq, mut id) = seq_index_entry(first?)?;
+        if seq != horizon.first_seq() {
+            return Err(StoreError::Corrupt(format!(
+                "the first chunk after the horizon begins at seq {seq}, not {}",
+                horizon.first_seq()
+            )));
+        }
+        let mut chunks: Vec<PrunedChunk> = Vec::new();
         let mut removed_bytes = 0u64;
-        let mut events: Vec<Event> = Vec::new();
-        while let Some(kv) = starts.next() {
-            if chunks.len() >= PRUNE_BATCH_CHUNKS {
+        while chunks.len() < PRUNE_BATCH_CHUNKS {
+            let Some(next) = index.next() else { break };
+            let (next_seq, next_id) = seq_index_entry(next?)?;
+            let end = next_seq - 1;
+            if end > max_seq {
                 break;
             }
-            let Some(next) = starts.peek() else { break };
-            let next_seq = match next {
-                Ok((k, _)) => seq_from_key(k)?,
-                Err(e) => return Err(e.clone().into()),
-            };
-            if next_seq - 1 > max_seq {
-                break;
-            }
-            let (k, v) = kv?;
-            let seq = seq_from_key(&k)?;
-            let id = Ulid(u128::from_be_bytes(v.as_ref().try_into().map_err(
-                |_| StoreError::Corrupt("malformed seq index entry".into()),
-            )?));
             // Read past the chunk cache: pruned chunks would only evict what readers use.
             let bytes = self
                 .log
                 .get(event_key(id))?
                 .ok_or_else(|| StoreError::Corrupt(format!("chunk of seq {seq} is missing")))?;
-            removed_bytes += bytes.len() as u64;
-            let chunk = decode_chunk(&bytes)?;
-            match chunk.last() {
-                Some(last) if last.id <= limit.max_id && last.seq == next_seq - 1 => {}
-                Some(last) if last.seq != next_seq - 1 => {
-                    return Err(StoreError::Corrupt(format!(
-                        "chunk of seq {seq} ends at {}, the next begins at {next_seq}",
-                        last.seq
-                    )));
+            let mut chunk = PrunedChunk {
+                seq,
+                end,
+                id,
+                next_id,
+                bytes,
+                early: None,
+                decoded: None,
+            };
+            // Ids increase strictly, so the chunk's last id is below the next chunk's
+            // first: within the limit when that one is. Otherwise only its own last id
+            // tells, and if it is within the limit the next chunk's is not, so this
+            // chunk ends the batch (and is decoded for the horizon anyway).
+            let ends_batch = next_id > limit.max_id;
+            if ends_batch {
+                let decoded = chunk.decode()?;
+                if decoded.last().is_none_or(|last| last.id > limit.max_id) {
+                    break;
                 }
-                _ => break,
+                chunk.early = Some(decoded);
             }
-            if chunk.first().map(|e| e.seq) != Some(horizon.first_seq() + events.len() as u64) {
-                return Err(StoreError::Corrupt(format!(
-                    "chunk of seq {seq} is out of place"
-                )));
+            removed_bytes += chunk.bytes.len() as u64;
+            chunks.push(chunk);
+            (seq, id) = (next_seq, next_id);
+            if ends_batch {
+                break;
             }
-            events.extend(chunk);
-            chunks.push((seq, id));
         }
-        let Some(last) = events.last() else {
+        let Some(pruned_through) = chunks.last().map(|c| c.end) else {
             return Ok(None);
         };
-        archive(&events)?;
+        let kept = self.kept_blocks(horizon.pruned_through, pruned_through)?;
+        // The decoded chunks' events, in log order (all of them when archiving).
+        let mut events: Vec<Event> = Vec::new();
+        let last_chunk = chunks.len() - 1;
+        for (i, chunk) in chunks.iter_mut().enumerate() {
+            let early = chunk.early.take();
+            let needed = early.is_some()
+                || archive.is_some()
+                || i == last_chunk
+                || (leaf_block(chunk.seq)..=leaf_block(chunk.end)).any(|b| kept.contains(b));
+            if needed {
+                let decoded = match early {
+                    Some(decoded) => decoded,
+                    None => chunk.decode()?,
+                };
+                let start = events.len();
+                events.extend(decoded);
+                chunk.decoded = Some(start..events.len());
+            }
+        }
+        if let Some(archive) = archive.as_mut() {
+            archive(&events)?;
+        }
+        let last = events
+            .last()
+            .ok_or_else(|| StoreError::Corrupt("the last pruned chunk was not read".into()))?;
         let new_horizon = Horizon {
-            pruned_through: last.seq,
+            pruned_through,
             last_pruned_id: Some(last.id),
             last_pruned_hash: chain::stated_hash(last.line.as_bytes())
                 .map_err(StoreError::Corrupt)?,
         };
         let mut batch = sled::Batch::default();
-        for (seq, id) in &chunks {
-            batch.remove(&event_key(*id)[..]);
-            batch.remove(&seq_key(*seq)[..]);
+        for chunk in &chunks {
+            batch.remove(&event_key(chunk.id)[..]);
+            batch.remove(&seq_key(chunk.seq)[..]);
         }
         for kv in self.log.range(
             &block_key(GROUP_PREFIX, horizon.first_seq())[..]
@@ -933,7 +1045,7 @@ impl Store {
         ) {
             batch.remove(kv?.0);
         }
-        self.keep_leaf_hashes(&mut batch, &events, new_horizon.pruned_through)?;
+        self.keep_leaf_hashes(&mut batch, &chunks, &events, &kept)?;
         let record = bincode::serde::encode_to_vec(new_horizon, bincode_config())
             .map_err(|e| StoreError::Corrupt(format!("horizon record: {e}")))?;
         batch.insert(HORIZON_KEY, record);
@@ -945,8 +1057,8 @@ impl Store {
             self.log.apply_batch(batch)?;
             *self.horizon.write().unwrap_or_else(|p| p.into_inner()) = new_horizon;
         }
-        for (_, id) in &chunks {
-            self.chunk_cache.remove(&id.0);
+        for chunk in &chunks {
+            self.chunk_cache.remove(&chunk.id.0);
         }
         self.pruned_bytes
             .store(pruned_bytes, std::sync::atomic::Ordering::Relaxed);
@@ -958,29 +1070,54 @@ impl Store {
         }))
     }
 
-    /// Adds to `batch` the kept leaf hashes of the blocks `pruned` (consecutive events,
-    /// the last one at `pruned_through`) touches: kept where a signed checkpoint cuts
-    /// the block, or where the horizon now falls inside it; dropped otherwise.
+    /// The blocks whose leaf hashes a prune from `pruned_before` (the old horizon)
+    /// through `pruned_through` keeps: those a signed checkpoint may cut, and the one the
+    /// new horizon falls inside.
+    fn kept_blocks(&self, pruned_before: u64, pruned_through: u64) -> Result<KeptBlocks> {
+        let (first, last) = (leaf_block(pruned_before + 1), leaf_block(pruned_through));
+        let mut cut = std::collections::BTreeSet::new();
+        for kv in self
+            .log
+            .range(&block_key(CUT_PREFIX, first)[..]..=&block_key(CUT_PREFIX, last)[..])
+        {
+            cut.insert(seq_from_key(&kv?.0)?);
+        }
+        Ok(KeptBlocks {
+            every: self.keep_every_leaf.load(Ordering::Relaxed),
+            noted_from: self.noted_from,
+            cut,
+            // The block of the first retained leaf (leaf = seq − 1).
+            horizon: pruned_through / BLOCK_LEAVES,
+        })
+    }
+
+    /// Adds to `batch` the kept leaf hashes of the blocks the pruned `chunks` touch
+    /// (`events`: those chunks' decoded events): kept where `kept` says, dropped
+    /// otherwise.
     fn keep_leaf_hashes(
         &self,
         batch: &mut sled::Batch,
-        pruned: &[Event],
-        pruned_through: u64,
+        chunks: &[PrunedChunk],
+        events: &[Event],
+        kept: &KeptBlocks,
     ) -> Result<()> {
-        let mut i = 0;
-        while i < pruned.len() {
-            let leaf = pruned[i].seq - 1;
+        let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
+            return Ok(());
+        };
+        // Pruned leaves: first.seq − 1 .. last.end (exclusive).
+        let mut leaf = first.seq - 1;
+        let mut chunk = chunks.iter();
+        let mut current = chunk.next();
+        while leaf < last.end {
             let block = leaf / BLOCK_LEAVES;
-            let block_end = (block + 1) * BLOCK_LEAVES;
-            let n = ((block_end - leaf) as usize).min(pruned.len() - i);
-            let horizon_inside = pruned_through < block_end;
-            if !horizon_inside && !self.block_is_cut(block)? {
+            let block_end = ((block + 1) * BLOCK_LEAVES).min(last.end);
+            if !kept.contains(block) {
                 // Not kept: nothing to hash. Only a block the previous horizon fell
                 // inside can hold kept hashes already (its first leaf was pruned before).
                 if leaf != block * BLOCK_LEAVES {
                     batch.remove(&block_key(KEPT_PREFIX, block)[..]);
                 }
-                i += n;
+                leaf = block_end;
                 continue;
             }
             let mut value = self
@@ -994,13 +1131,27 @@ impl Store {
                     block * BLOCK_LEAVES + (value.len() / 32) as u64
                 )));
             }
-            for event in &pruned[i..i + n] {
+            while leaf < block_end {
+                let seq = leaf + 1;
+                while current.is_some_and(|c| c.end < seq) {
+                    current = chunk.next();
+                }
+                let event = current
+                    .and_then(|c| {
+                        let at = c.decoded.as_ref()?.start + (seq - c.seq) as usize;
+                        events.get(at)
+                    })
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "the chunk holding seq {seq} was not read for its leaf hash"
+                        ))
+                    })?;
                 value.extend_from_slice(
                     &chain::stated_hash(event.line.as_bytes()).map_err(StoreError::Corrupt)?,
                 );
+                leaf += 1;
             }
             batch.insert(&block_key(KEPT_PREFIX, block)[..], value);
-            i += n;
         }
         Ok(())
     }
@@ -1843,5 +1994,108 @@ mod tests {
             .map(|e| e.expect("read").seq)
             .collect();
         assert_eq!(back, (1..=10).rev().collect::<Vec<_>>());
+    }
+
+    /// A store holding `all` in chunks of varying sizes (one group commit per size), with
+    /// checkpoints noted at `checkpoints`.
+    fn pruning_store(dir: &Path, all: &[Event], checkpoints: &[u64]) -> Store {
+        let store = Store::open(DataDir::lock(dir).expect("lock")).expect("open");
+        let mut rest = all;
+        for size in [7usize, 50, 130, 3, 64, 1, 90].iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (group, tail) = rest.split_at((*size).min(rest.len()));
+            let mut batch = CommitBatch::default();
+            batch.add_events(group);
+            store.apply(batch).expect("apply");
+            rest = tail;
+        }
+        store.sync().expect("sync");
+        store.set_committed(Head::of(all.last().expect("events")).expect("head"));
+        for size in checkpoints {
+            store.note_checkpoint(*size).expect("note");
+        }
+        store
+    }
+
+    /// A prune that decodes only the chunks it needs leaves exactly what one that decodes
+    /// every chunk (archiving) leaves: the same batches, horizons and stored records;
+    /// the id limit stops at the same event when it falls between two chunks' ids or
+    /// inside one; the leaf hashes of checkpoint-cut blocks are kept.
+    #[test]
+    fn a_prune_without_archive_leaves_what_an_archiving_one_does() {
+        let all = sealed(1_000, "t", "2026-01-01T00:00:00Z", |seq| format!("{seq}"));
+        let (a, b) = (
+            tempfile::tempdir().expect("tmp"),
+            tempfile::tempdir().expect("tmp"),
+        );
+        let checkpoints = [100, 333, 700];
+        let (archiving, plain) = (
+            pruning_store(a.path(), &all, &checkpoints),
+            pruning_store(b.path(), &all, &checkpoints),
+        );
+        let id_after = |seq: usize| Ulid(all[seq - 1].id.0 + 1);
+        let id_before = |seq: usize| Ulid(all[seq - 1].id.0 - 1);
+        // Chunk ends: 7, 57, 187, 190, 254, 255, 345, 352, ...
+        let limits = [
+            (1_000, id_after(187), Some(187)),  // in the id gap after a chunk
+            (1_000, id_before(254), Some(190)), // inside a chunk: not taken
+            (1_000, id_after(255), Some(255)),
+            (400, Ulid(u128::MAX), Some(352)),
+            (400, Ulid(u128::MAX), None),
+            (1_000, Ulid(u128::MAX), None),
+        ];
+        let mut archived = Vec::new();
+        let mut last_seq = 0;
+        for (max_seq, max_id, expected) in limits {
+            let limit = PruneLimit { max_seq, max_id };
+            let mut write = |events: &[Event]| {
+                archived.extend_from_slice(events);
+                Ok(())
+            };
+            let with = archiving.prune(limit, Some(&mut write)).expect("prune");
+            let without = plain.prune(limit, None).expect("prune");
+            assert_eq!(
+                with.as_ref()
+                    .map(|p| (p.first_seq, p.last_seq, p.chunks, p.horizon)),
+                without
+                    .as_ref()
+                    .map(|p| (p.first_seq, p.last_seq, p.chunks, p.horizon))
+            );
+            if let Some(end) = expected {
+                assert_eq!(without.map(|p| p.last_seq), Some(end), "{max_seq} {max_id}");
+                last_seq = end;
+            } else if let Some(p) = without {
+                last_seq = p.last_seq;
+            }
+        }
+        assert!(last_seq > 900, "pruned through {last_seq}");
+        assert_eq!(archived, all[..last_seq as usize]);
+        let records = |store: &Store| -> Vec<(sled::IVec, sled::IVec)> {
+            store.log.iter().collect::<Result<_, _>>().expect("read")
+        };
+        assert_eq!(records(&archiving), records(&plain));
+        assert_eq!(archiving.chunk_bytes(), plain.chunk_bytes());
+        // Blocks 1, 5 and 10 (sizes 100, 333, 700) keep their leaf hashes; others not.
+        for (leaf, kept) in [
+            (0, false),
+            (64, true),
+            (127, true),
+            (150, false),
+            (320, true),
+        ]
+        .into_iter()
+        .chain([
+            (383, true),
+            (640, true),
+            (700, true),
+            (703, true),
+            (704, false),
+        ]) {
+            let hash = plain.kept_leaf_hash(leaf).expect("read");
+            let expected = chain::stated_hash(all[leaf as usize].line.as_bytes()).expect("hash");
+            assert_eq!(hash, kept.then_some(expected), "leaf {leaf}");
+        }
     }
 }

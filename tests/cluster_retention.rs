@@ -338,6 +338,90 @@ fn three_nodes_prune_at_one_horizon_and_the_stream_waits_for_every_node() {
     });
 }
 
+/// A node that is gone for good holds the stream's trim back until `cairn cluster
+/// forget` removes its registration; then the stream is trimmed behind the others. The
+/// command refuses a name without a registration, and the running sequencer.
+#[test]
+fn a_node_gone_for_good_is_forgotten_and_the_stream_is_trimmed_again() {
+    if missing() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    let a = start_node(&nats, "a", &fresh_dir(), None, &[]);
+    let token = a.server.token.clone();
+    let mut b = start_node(&nats, "b", &fresh_dir(), Some(&token), &[]);
+    // One 20-event group per request: the horizon 400 − 200 ends message 10.
+    for r in 0..20 {
+        append(&a.server, &format!("r{r}"), 20);
+    }
+    wait_horizon(&[&a.server, &b.server], 400, 201);
+    wait_until(SETTLE, "the stream trimmed behind both nodes", || {
+        stream_range(&nats).map(|r| r.0) == Some(11)
+    });
+
+    // b is gone for good: a moves on (horizon 600, message 30), the stream does not.
+    b.server.terminate();
+    for r in 0..20 {
+        append(&a.server, &format!("s{r}"), 20);
+    }
+    wait_horizon(&[&a.server], 800, 601);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Some((first, _)) = stream_range(&nats) {
+            assert_eq!(first, 11, "the stream was trimmed past the stopped node");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let forget = |node: &str| {
+        cairn(
+            &["cluster", "forget", node, "--nats", &nats.urls()],
+            &[("CAIRN_NATS_STREAM", STREAM)],
+        )
+    };
+    // A name without a registration, and the running sequencer, are refused.
+    let (code, out, err) = forget("nobody");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("no trim registration") && err.contains("registered: "),
+        "{err}"
+    );
+    assert!(err.contains("\"a\"") && err.contains("\"b\""), "{err}");
+    // A stream no node registered for (a mistyped name) is not created, and says so.
+    let (code, out, err) = cairn(
+        &[
+            "cluster",
+            "forget",
+            "b",
+            "--nats",
+            &nats.urls(),
+            "--nats-stream",
+            "OTHER",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("no node of the stream OTHER"), "{err}");
+    let (code, out, err) = forget("a");
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("sequencer lease"), "{err}");
+
+    let (code, out, err) = forget("b");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("\"b\"") && out.contains("stream message 10") && out.contains("\"a\""),
+        "{out}"
+    );
+    wait_until(
+        SETTLE,
+        "the stream trimmed behind the remaining node",
+        || stream_range(&nats).map(|r| r.0) == Some(31),
+    );
+    let (code, _, err) = forget("b");
+    assert_ne!(code, 0);
+    assert!(err.contains("no trim registration"), "{err}");
+}
+
 /// Deletes a JetStream stream (with its messages) through a NATS client.
 fn delete_stream(nats: &NatsCluster, name: &str) {
     let runtime = tokio::runtime::Builder::new_current_thread()

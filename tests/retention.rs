@@ -695,3 +695,61 @@ fn a_cluster_node_takes_retention_flags_but_is_never_pruned_alone() {
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("one decision for the whole cluster"), "{err}");
 }
+
+/// A signed checkpoint whose size cuts a 64-leaf block in the middle of a prune batch
+/// (neither the batch's last chunk nor the block the new horizon falls in), no archive:
+/// the prune keeps that block's leaf hashes, so the consistency proof from the
+/// checkpoint to the newest still verifies. Guards a prune that reads only the chunks
+/// it needs (docs/retention.md, "Pruner cost under --sync none").
+#[test]
+fn a_checkpoint_cutting_a_block_mid_batch_still_proves_after_a_prune() {
+    let server = Server::start(&[]);
+    let key = server.get_text("/v1/checkpoint/key").1;
+    // Requests of 50 events: chunks end at multiples of 50.
+    append(&server, 100, 50);
+    wait_checkpoint_covers_head(&server);
+    let saved_note = server.get_text("/v1/checkpoint").1;
+    // 100 cuts block 1 (leaves 64..128, seqs 65..128), which lies in the chunks of seqs
+    // 51..100 and 101..150: the 2nd and 3rd of the batch below.
+    assert_eq!(checkpoint_size(&saved_note), 100);
+    let saved = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(saved.path(), &saved_note).unwrap();
+
+    let mut ids = Vec::new();
+    for _ in 0..18 {
+        let events: Vec<Value> = (0..50)
+            .map(|i| json!({"type": "t", "data": {"i": i, "pad": "x".repeat(64)}}))
+            .collect();
+        let (status, body) = server.post_json(&json!({ "events": events }));
+        assert_eq!(status, 201, "{body}");
+        ids.extend(
+            body["data"]["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    wait_checkpoint_covers_head(&server);
+    assert_eq!(server.head()["seq"].as_u64(), Some(1_000));
+
+    // One batch of 16 chunks, seqs 1..800; the horizon falls in block 12.
+    let (code, out, err) = server.cairn(&["prune", "--before", &ids[700]]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(server.head()["first_seq"].as_u64(), Some(801));
+
+    let newest = checkpoint_size(&server.get_text("/v1/checkpoint").1);
+    let (status, body) = server.get(&format!("/v1/proof/consistency?from=100&to={newest}"));
+    assert_eq!(status, 200, "{body}");
+    let (code, out, err) = server.cairn(&[
+        "verify",
+        "--checkpoint",
+        saved.path().to_str().unwrap(),
+        "--key",
+        key.trim(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A retained event's inclusion proof still verifies too (the horizon's block).
+    let (status, body) = server.get(&format!("/v1/proof/inclusion?seq=801&size={newest}"));
+    assert_eq!(status, 200, "{body}");
+}

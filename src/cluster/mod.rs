@@ -42,7 +42,7 @@ use crate::store::{Store, bincode_config};
 use crate::writer::{SealedKey, Writer};
 
 pub use forward::Forwarder;
-pub use retention::start as start_retention;
+pub use retention::{Forgotten, forget, start as start_retention};
 pub use shared::{SharedEntry, SharedError, SharedMap, Written};
 
 /// How a node joins the cluster (`cairn serve --nats …`).
@@ -374,18 +374,7 @@ impl Connection {
 /// gets up to 30 s to elect its JetStream leaders.
 pub async fn connect(opts: &ClusterOptions) -> Result<Connection, ClusterError> {
     let names = Names::new(&opts.stream);
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("cairn {}", opts.node))
-        .connection_timeout(Duration::from_secs(5))
-        .connect(opts.urls.clone())
-        .await
-        .map_err(|e| ClusterError::Connect {
-            urls: opts.urls.join(","),
-            reason: e.to_string(),
-        })?;
-    let js = jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(2))
-        .build(client.clone());
+    let (client, js) = nats_connect(&opts.urls, &format!("cairn {}", opts.node)).await?;
     let deadline = std::time::Instant::now() + START_WAIT;
     let log = loop {
         match create_log_stream(&js, &names, opts.replicas).await {
@@ -410,6 +399,26 @@ pub async fn connect(opts: &ClusterOptions) -> Result<Connection, ClusterError> 
         tree,
         shared,
     })
+}
+
+/// A NATS client (named `name` in the servers' monitoring) and its JetStream context.
+async fn nats_connect(
+    urls: &[String],
+    name: &str,
+) -> Result<(async_nats::Client, jetstream::Context), ClusterError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(urls.to_vec())
+        .await
+        .map_err(|e| ClusterError::Connect {
+            urls: urls.join(","),
+            reason: e.to_string(),
+        })?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
+    Ok((client, js))
 }
 
 /// Starts the applier, the sequencer candidate and the head watcher. Tasks end when

@@ -66,6 +66,99 @@ pub(super) fn applied_key(node: &str) -> String {
     format!("applied.{hex}")
 }
 
+/// The node name an `applied.<hex>` key stands for.
+fn node_of(key: &str) -> Option<String> {
+    let hex = key.strip_prefix("applied.")?;
+    let bytes = hex::decode(hex).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// What `cairn cluster forget` removed, and who still holds the trim.
+#[derive(Debug)]
+pub struct Forgotten {
+    /// The bucket it was removed from.
+    pub bucket: String,
+    /// The stream sequence the node had reported pruned through.
+    pub applied: String,
+    /// The registrations left: (node, stream sequence it has pruned through).
+    pub remaining: Vec<(String, String)>,
+}
+
+/// Removes `node`'s registration (`applied.<node, hex>`) from the retention map of the
+/// cluster of `stream`, so the stream is trimmed behind the other nodes only: for a node
+/// that is gone for good, which would otherwise hold the trim back forever. Refused when
+/// the node has no registration, or holds the sequencer lease (it is running). Creates
+/// nothing: a mistyped stream name finds no bucket.
+pub async fn forget(urls: &[String], stream: &str, node: &str) -> Result<Forgotten, String> {
+    let (_client, js) = super::nats_connect(urls, "cairn cluster forget")
+        .await
+        .map_err(|e| e.to_string())?;
+    let names = super::Names::new(stream);
+    let bucket = format!("{stream}_retention");
+    let Some(map) = super::shared::open_existing(&js, &bucket)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Err(format!(
+            "no node of the stream {stream} has registered for retention (there is no bucket \
+             {bucket}); check --nats-stream and --nats"
+        ));
+    };
+    let registered: Vec<(String, String)> = map
+        .all()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|e| {
+            let value = String::from_utf8_lossy(e.value.as_deref()?).into_owned();
+            Some((node_of(&e.key)?, value))
+        })
+        .collect();
+    let key = applied_key(node);
+    let Some(entry) = map.get(&key).await.map_err(|e| e.to_string())? else {
+        let list: Vec<String> = registered.iter().map(|(n, _)| format!("{n:?}")).collect();
+        return Err(format!(
+            "node {node:?} has no trim registration in {bucket} (registered: {}); nothing was \
+             removed. A node's name is its --node (default: its listen address)",
+            if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(", ")
+            }
+        ));
+    };
+    // The lease's value is its holder's name: that node is running.
+    if let Some(lease) = super::shared::open_existing(&js, &names.lease_bucket)
+        .await
+        .map_err(|e| e.to_string())?
+        && let Some(holder) = lease
+            .get(super::sequencer::LEASE_KEY)
+            .await
+            .map_err(|e| e.to_string())?
+        && holder.value.as_deref() == Some(node.as_bytes())
+    {
+        return Err(format!(
+            "node {node:?} holds the sequencer lease, so it is running; stop it for good \
+             first (a running node registers again)"
+        ));
+    }
+    // Only the revision read: a node that registered again meanwhile is running.
+    map.delete_at(&key, entry.revision).await.map_err(|e| {
+        format!(
+            "node {node:?}'s registration changed while it was being removed (is it running?): {e}"
+        )
+    })?;
+    let applied = entry
+        .value
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    Ok(Forgotten {
+        bucket,
+        applied,
+        remaining: registered.into_iter().filter(|(n, _)| n != node).collect(),
+    })
+}
+
 /// The stream sequence of the last message this node's copy has pruned entirely.
 fn pruned_stream_seq(store: &Store) -> Result<u64, StoreError> {
     let horizon = store.horizon().pruned_through;

@@ -91,6 +91,33 @@ pub(super) async fn open(
     })
 }
 
+/// Opens the bucket `name` if it exists; never creates it (for commands that only look
+/// at a cluster's state).
+pub(super) async fn open_existing(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<SharedMap>, ClusterError> {
+    match js.get_stream(format!("KV_{name}")).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(ClusterError::JetStream(format!("the bucket {name}: {e}"))),
+    }
+    let kv = js
+        .get_key_value(name.to_string())
+        .await
+        .map_err(|e| ClusterError::JetStream(format!("the bucket {name}: {e}")))?;
+    Ok(Some(SharedMap {
+        ttl: kv.stream.cached_info().config.max_age,
+        kv,
+        name: name.to_string(),
+    }))
+}
+
 impl SharedMap {
     /// How long entries live: the bucket's own setting, which the node that created it
     /// chose (leases must be renewed within it, whatever this node was started with).

@@ -1,6 +1,7 @@
 //! The client-side commands: each returns the exit code, or a message for stderr.
 
 pub mod append;
+pub mod cluster;
 pub mod events;
 pub mod export;
 pub mod proof;
