@@ -753,3 +753,47 @@ fn a_checkpoint_cutting_a_block_mid_batch_still_proves_after_a_prune() {
     let (status, body) = server.get(&format!("/v1/proof/inclusion?seq=801&size={newest}"));
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn a_retried_key_whose_events_were_pruned_is_gone_and_appends_nothing() {
+    let server = Server::start(&["--checkpoint-interval", "1"]);
+    let keyed = |key: &str| {
+        let r = server
+            .http()
+            .post(server.url("/v1/events"))
+            .bearer_auth(&server.token)
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", key)
+            .body(json!({"type": "keyed", "data": {"key": key}}).to_string())
+            .send()
+            .expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap_or(Value::Null))
+    };
+    let (status, first) = keyed("old");
+    assert_eq!(status, 201, "{first}");
+    append(&server, 300, 100);
+    wait_checkpoint_covers_head(&server);
+    let last_id = server.head()["id"].as_str().unwrap().to_string();
+    let (code, out, err) = server.cairn(&["prune", "--before", &last_id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let head = server.head();
+    assert!(head["first_seq"].as_u64().unwrap() > 2, "{head}");
+
+    // The retry finds its key but not its events: 410, and nothing is appended.
+    let (status, reply) = keyed("old");
+    assert_eq!((status, &reply["code"]), (410, &json!("gone")), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap_or("").contains("seq 1..=1"),
+        "{reply}"
+    );
+    assert_eq!(server.head()["seq"], head["seq"], "the retry appended");
+    // A key of a request whose events remain still replays its first answer.
+    let (status, kept) = keyed("kept");
+    assert_eq!(status, 201, "{kept}");
+    let last = server.head()["seq"].as_u64().unwrap();
+    let (status, again) = keyed("kept");
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(again["data"]["first_seq"], kept["data"]["first_seq"]);
+    assert_eq!(server.head()["seq"].as_u64(), Some(last));
+}

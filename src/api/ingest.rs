@@ -164,6 +164,9 @@ fn parse(body: &[u8], format: BodyFormat, max_events: usize) -> Result<Vec<NewEv
             excludes an event's type", body = openapi::Error),
         (status = 413, description = "Too many events or bytes for one request",
             body = openapi::Error),
+        (status = 410, description = "Retried with an Idempotency-Key whose first \
+            request's events retention has removed since; nothing appended",
+            body = openapi::Error),
         (status = 415, description = "Content-Type is missing or not JSON or NDJSON",
             body = openapi::Error),
         (status = 422, description = "The Idempotency-Key was used with another body",
@@ -264,9 +267,19 @@ async fn replayed(state: &AppState, first_seq: u64, last_seq: u64) -> Result<Ing
             .take_while(|e| e.as_ref().map_or(true, |e| e.seq <= last_seq))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::internal)?;
+        let whole = events.first().is_some_and(|e| e.seq == first_seq)
+            && events.last().is_some_and(|e| e.seq == last_seq);
+        if !whole && store.horizon_after_reads().pruned_through >= first_seq {
+            // Retention removed what the first request appended (keys outlive events
+            // when the bounds keep less than a day): say so, append nothing.
+            return Err(ApiError::gone(format!(
+                "this Idempotency-Key's request was appended as seq {first_seq}..={last_seq}, \
+                 and retention has removed those events since; nothing was appended"
+            )));
+        }
         let last = events
             .last()
-            .filter(|e| e.seq == last_seq)
+            .filter(|_| whole)
             .ok_or_else(|| ApiError::internal("the events of an idempotent request are missing"))?;
         let head = Head::of(last).map_err(ApiError::internal)?;
         Ok(Ingested {
