@@ -874,8 +874,16 @@ impl Store {
         if self.head().seq == 0 {
             return Ok(None);
         }
-        let first = self.horizon().first_seq();
-        Ok(self.get_by_seq(first)?.map(|e| (e.seq, e.id)))
+        loop {
+            let horizon = self.horizon();
+            match self.get_by_seq(horizon.first_seq())? {
+                Some(e) => return Ok(Some((e.seq, e.id))),
+                // A prune removed it after the horizon was read (once the prune has
+                // also published its horizon, which `horizon_after_reads` waits for).
+                None if self.horizon_after_reads() != horizon => continue,
+                None => return Ok(None),
+            }
+        }
     }
 
     /// Counts the compressed bytes of the stored chunks (one pass over the log).
@@ -1510,6 +1518,10 @@ impl Store {
             return Ok(None);
         };
         let Some(chunk) = self.chunk(&event_key(chunk_id))? else {
+            // A prune may remove the chunk between the two reads: then it is gone.
+            if self.horizon_after_reads().pruned_through >= seq {
+                return Ok(None);
+            }
             return Err(StoreError::Corrupt(format!(
                 "seq index points to a missing chunk for seq {seq}"
             )));
@@ -2017,6 +2029,44 @@ mod tests {
             store.note_checkpoint(*size).expect("note");
         }
         store
+    }
+
+    /// `/v1/head` reads the first retained event while the pruner runs: it never sees
+    /// none on a log that has events, and never goes back.
+    #[test]
+    fn the_first_retained_event_is_found_while_prunes_move_it() {
+        let all = sealed(3_000, "t", "2026-01-01T00:00:00Z", |seq| format!("{seq}"));
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(pruning_store(dir.path(), &all, &[]));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (store, done) = (store.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut reads, mut previous) = (0u64, 0u64);
+                while !done.load(Ordering::Acquire) || reads < 1_000 {
+                    let first = store.first_retained().expect("read");
+                    let (seq, _) =
+                        first.unwrap_or_else(|| panic!("no first event after {previous}"));
+                    assert!(
+                        seq >= previous,
+                        "the first seq went back from {previous} to {seq}"
+                    );
+                    previous = seq;
+                    reads += 1;
+                }
+                previous
+            })
+        };
+        for max_seq in 1..3_000 {
+            let limit = PruneLimit {
+                max_seq,
+                max_id: Ulid(u128::MAX),
+            };
+            store.prune(limit, None).expect("prune");
+        }
+        done.store(true, Ordering::Release);
+        let last_seen = reader.join().expect("the reader saw a gap");
+        assert!(last_seen > 2_800, "{last_seen}");
     }
 
     /// A prune that decodes only the chunks it needs leaves exactly what one that decodes
