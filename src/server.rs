@@ -303,7 +303,6 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         DeliveryConfig {
             timeout: opts.webhook_timeout,
             backoff_min: opts.webhook_retry_initial,
-            durable: opts.sync != SyncMode::None,
         },
         shutdown.child_token(),
         cluster.is_some(),

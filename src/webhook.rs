@@ -575,8 +575,6 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// The first retry delay (doubling up to five minutes).
     pub backoff_min: Duration,
-    /// Store cursors with an fsync (false with `--sync none`).
-    pub durable: bool,
 }
 
 struct Shared {
@@ -586,7 +584,6 @@ struct Shared {
     config: DeliveryConfig,
     /// Webhooks read the log like streams, but are not counted as streams.
     stats: Arc<StreamStats>,
-    syncs: CursorSyncs,
 }
 
 struct Running {
@@ -700,7 +697,6 @@ impl Webhooks {
                 client,
                 config,
                 stats: Default::default(),
-                syncs: CursorSyncs::default(),
             }),
             hooks: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
@@ -1187,53 +1183,17 @@ fn backoff(min: Duration, failures: u32) -> Duration {
     capped.mul_f64(0.75 + rand::random::<f64>() * 0.5)
 }
 
-/// Stores a task's record (cursor and counters), durably unless `--sync none`.
+/// Stores a task's record (cursor and counters), durably unless `--sync none`, with
+/// the writer's next group commit.
 async fn store_record(shared: &Shared, record: WebhookRecord) {
-    let store = shared.store.clone();
-    let id = record.id.clone();
-    let written = tokio::task::spawn_blocking(move || save(&store, &record, false))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    let result = match written {
-        Ok(()) if shared.config.durable => shared.syncs.sync(&shared.store).await,
-        other => other,
-    };
+    let result = shared
+        .writer
+        .store_webhook_record(record.id.clone(), encode(&record))
+        .await;
     // The events were delivered; a cursor not stored only means they may be sent again
     // after a restart (at least once).
     if let Err(e) = result {
-        tracing::error!(webhook = %id, error = %e, "storing a webhook cursor failed");
-    }
-}
-
-/// Group commit for cursors: every task whose record was written before a sync began is
-/// covered by that sync, so webhooks delivering together share flushes (one at a time)
-/// instead of each paying its own.
-#[derive(Default)]
-struct CursorSyncs {
-    /// Tickets handed out: one per record written and waiting to be durable.
-    requested: std::sync::atomic::AtomicU64,
-    /// The newest ticket known durable; held while a sync runs.
-    synced: tokio::sync::Mutex<u64>,
-}
-
-impl CursorSyncs {
-    async fn sync(&self, store: &Arc<Store>) -> Result<(), String> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let ticket = self.requested.fetch_add(1, SeqCst) + 1;
-        let mut synced = self.synced.lock().await;
-        if *synced >= ticket {
-            return Ok(());
-        }
-        // Every ticket up to here was taken after its record was written.
-        let upto = self.requested.load(SeqCst);
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.sync())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        *synced = upto;
-        Ok(())
+        tracing::error!(webhook = %record.id, error = %e, "storing a webhook cursor failed");
     }
 }
 
