@@ -326,12 +326,23 @@ impl Drop for Server {
 }
 
 /// A loopback port that was free a moment ago.
+/// A loopback port free now, never one this process was given before: the kernel may
+/// hand a just-released port out again, and tests running in parallel (a cluster's
+/// client, route and monitor ports) would then collide.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Runs the `cairn` CLI; returns (exit code, stdout, stderr).
