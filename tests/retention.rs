@@ -27,6 +27,26 @@ fn append(server: &Server, n: usize, per: usize) {
     }
 }
 
+/// Appends `requests` requests of `per` events padded with `pad` bytes; their ids.
+fn append_padded(server: &Server, requests: usize, per: usize, pad: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..requests {
+        let events: Vec<Value> = (0..per)
+            .map(|i| json!({"type": "t", "data": {"i": i, "pad": "x".repeat(pad)}}))
+            .collect();
+        let (status, body) = server.post_json(&json!({ "events": events }));
+        assert_eq!(status, 201, "{body}");
+        ids.extend(
+            body["data"]["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
+    }
+    ids
+}
+
 /// Waits until a checkpoint covers the head.
 fn wait_checkpoint_covers_head(server: &Server) {
     let head = server.head()["seq"].as_u64().unwrap();
@@ -534,21 +554,7 @@ fn a_stream_overtaken_by_the_pruner_says_so_in_band() {
     let server = Server::start(&[]);
     // 24 MB of events: far more than socket buffers and the stream's read-ahead hold,
     // so a subscriber that stops reading near the start stays there.
-    let mut ids = Vec::new();
-    for _ in 0..30 {
-        let events: Vec<Value> = (0..200)
-            .map(|i| json!({"type": "t", "data": {"i": i, "pad": "x".repeat(4_000)}}))
-            .collect();
-        let (status, body) = server.post_json(&json!({ "events": events }));
-        assert_eq!(status, 201, "{body}");
-        ids.extend(
-            body["data"]["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string()),
-        );
-    }
+    let ids = append_padded(&server, 30, 200, 4_000);
     wait_checkpoint_covers_head(&server);
     let head = server.head()["seq"].as_u64().unwrap();
 
@@ -715,21 +721,7 @@ fn a_checkpoint_cutting_a_block_mid_batch_still_proves_after_a_prune() {
     let saved = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(saved.path(), &saved_note).unwrap();
 
-    let mut ids = Vec::new();
-    for _ in 0..18 {
-        let events: Vec<Value> = (0..50)
-            .map(|i| json!({"type": "t", "data": {"i": i, "pad": "x".repeat(64)}}))
-            .collect();
-        let (status, body) = server.post_json(&json!({ "events": events }));
-        assert_eq!(status, 201, "{body}");
-        ids.extend(
-            body["data"]["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string()),
-        );
-    }
+    let ids = append_padded(&server, 18, 50, 64);
     wait_checkpoint_covers_head(&server);
     assert_eq!(server.head()["seq"].as_u64(), Some(1_000));
 
