@@ -4,7 +4,9 @@
 //! events per request) with 10 active webhooks vs none, alternating runs.
 //!
 //! `cargo bench --bench webhooks` runs all; `-- delivery` or `-- ingest` runs one part;
-//! `CAIRN_BENCH_PAIRS=N` sets the number of with/without pairs (default 3).
+//! `CAIRN_BENCH_PAIRS=N` sets the number of with/without pairs (default 3),
+//! `CAIRN_BENCH_EVENTS=N` the events per ingest run (default 200,000; runs under a
+//! second are noisy on a shared machine, 1,000,000 steadies the ratio).
 
 mod support;
 
@@ -157,7 +159,10 @@ fn main() {
         }
     }
     if wanted("ingest") {
-        let total = 200_000;
+        let total: u64 = std::env::var("CAIRN_BENCH_EVENTS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(200_000);
         // Pairs alternate with and without, so drift of a shared machine hits both.
         let pairs: usize = std::env::var("CAIRN_BENCH_PAIRS")
             .ok()
@@ -167,17 +172,35 @@ fn main() {
         for run in 1..=pairs {
             for hooks in [0, 10] {
                 let s = Server::start("fsync", &[]);
-                let rate = rt.block_on(async {
+                let (rate, behind, threads) = rt.block_on(async {
                     let (url, got) = receiver();
                     for _ in 0..hooks {
                         create_webhook(&s, &url, 100, "earliest").await;
                     }
+                    let before = support::thread_cpu_secs(s.child.id());
                     let rate = ingest(&s, total).await;
+                    let mut threads = support::thread_cpu_secs(s.child.id());
+                    for (name, secs) in &mut threads {
+                        *secs -= before.get(name).copied().unwrap_or(0.0);
+                    }
+                    // How far the webhooks trailed ingest when it ended (0: kept up).
+                    let behind = (total * hooks).saturating_sub(got.load(Ordering::Relaxed));
                     wait_for(&got, total * hooks, Duration::from_secs(600)).await;
-                    rate
+                    (rate, behind, threads)
                 });
+                // Server CPU during ingest per event, by thread (name: µs/event).
+                let per_event = |secs: f64| secs * 1e6 / total as f64;
+                let all: f64 = threads.values().sum();
+                let split: Vec<String> = threads
+                    .iter()
+                    .filter(|(_, secs)| per_event(**secs) >= 0.05)
+                    .map(|(name, secs)| format!("{name} {:.2}", per_event(*secs)))
+                    .collect();
                 println!(
-                    "W1 fsync, 4 conns x 100/batch, {hooks:>2} webhooks (batch 100), run {run}: {rate:>8.0} events/s"
+                    "W1 fsync, 4 conns x 100/batch, {hooks:>2} webhooks (batch 100), run {run}: {rate:>8.0} events/s; \
+                     server CPU {:.2} µs/event ({}); deliveries behind at the end {behind}",
+                    per_event(all),
+                    split.join(", ")
                 );
                 if hooks == 0 { &mut without } else { &mut with }.push(rate);
             }

@@ -113,21 +113,28 @@ pub struct StreamGroup {
     pub idempotency: Vec<SealedKey>,
 }
 
-/// A webhook's record (its cursor) to store, durable with the group commit it joins.
+/// A webhook's record (its cursor) to store, answered once a group commit has made it
+/// durable.
 struct RecordWrite {
     id: String,
     value: Vec<u8>,
     reply: RecordReply,
 }
 
+/// How long a webhook record waits for a group commit to make it durable before its
+/// caller asks the writer to flush for it alone (ingest idle).
+const RECORD_FLUSH_DELAY: Duration = Duration::from_millis(5);
+
 type RecordReply = oneshot::Sender<Result<(), AppendError>>;
 
-/// What the writer thread takes: a request to seal here, a group sealed elsewhere, or a
-/// webhook record to make durable along with them.
+/// What the writer thread takes: a request to seal here, a group sealed elsewhere, a
+/// webhook record to make durable along with them, or a call to flush the records
+/// still waiting because no group came.
 enum Input {
     Append(Request),
     Apply(StreamGroup),
     Record(RecordWrite),
+    FlushRecords,
 }
 
 impl Input {
@@ -135,7 +142,7 @@ impl Input {
         match self {
             Input::Append(r) => r.events.len(),
             Input::Apply(g) => g.events.len(),
-            Input::Record(_) => 0,
+            Input::Record(_) | Input::FlushRecords => 0,
         }
     }
 }
@@ -187,6 +194,7 @@ impl Writer {
             failed: failed.clone(),
             last_prune: None,
             frontier: merkle::Frontier::default(),
+            unflushed_records: Vec::new(),
         };
         let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
@@ -279,22 +287,33 @@ impl Writer {
     }
 
     /// Stores a webhook's record (cursor and counters); resolves once it is durable
-    /// (unless `--sync none`). It rides on the writer's group commit: ten webhooks
-    /// storing their cursors from their own threads, each write next to the writer's in
-    /// sled, cost W1 ingest about a quarter of its throughput (docs/webhooks.md).
+    /// (unless `--sync none`). Records are written in the order they are sent and made
+    /// durable by the next group commit; only when none comes within
+    /// [`RECORD_FLUSH_DELAY`] (ingest idle) does the writer flush for them alone. Ten
+    /// webhooks storing cursors from their own threads, or with flushes of their own
+    /// between ingest's group commits, cost W1 a fifth to a quarter of its throughput
+    /// (docs/webhooks.md, "Ingest cost").
     pub async fn store_webhook_record(
         &self,
         id: String,
         value: Vec<u8>,
     ) -> Result<(), AppendError> {
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
+        let gone = || AppendError::Unavailable("the server is shutting down".into());
         self.tx
             .send(Input::Record(RecordWrite { id, value, reply }))
             .await
-            .map_err(|_| AppendError::Unavailable("the server is shutting down".into()))?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(AppendError::Unavailable("the writer stopped".into())))
+            .map_err(|_| gone())?;
+        let stopped = |_| Err(AppendError::Unavailable("the writer stopped".into()));
+        match tokio::time::timeout(RECORD_FLUSH_DELAY, &mut answer).await {
+            Ok(answered) => return answered.unwrap_or_else(stopped),
+            Err(_) => self
+                .tx
+                .send(Input::FlushRecords)
+                .await
+                .map_err(|_| gone())?,
+        }
+        answer.await.unwrap_or_else(stopped)
     }
 
     /// Live feed of committed events, one message per group commit, in log order.
@@ -340,6 +359,8 @@ struct WriterState {
     /// The Merkle tree's right edge, so appending never reads the store (reset by its
     /// size check if a group fails).
     frontier: merkle::Frontier,
+    /// Webhook records written, waiting for a flush to answer them.
+    unflushed_records: Vec<(RecordReply, Result<(), AppendError>)>,
 }
 
 /// Most events merged into one broadcast message.
@@ -531,11 +552,13 @@ impl WriterState {
             let mut requests = Vec::new();
             let mut stream_groups = Vec::new();
             let mut records = Vec::new();
+            let mut flush_records = false;
             for input in inputs {
                 match input {
                     Input::Append(r) => requests.push(r),
                     Input::Apply(g) => stream_groups.push(g),
                     Input::Record(r) => records.push(r),
+                    Input::FlushRecords => flush_records = true,
                 }
             }
             if self.failed.get().is_some() {
@@ -548,7 +571,7 @@ impl WriterState {
                 continue;
             }
             // Written first, so the flush of whatever this round commits covers them.
-            let records = self.write_records(records);
+            self.write_records(records);
             let commits = !stream_groups.is_empty() || !requests.is_empty();
             if !stream_groups.is_empty() {
                 self.apply_stream_groups(stream_groups);
@@ -557,41 +580,50 @@ impl WriterState {
                 let group = self.apply(requests);
                 self.finish(group);
             }
-            if !records.is_empty() {
-                if !commits {
-                    self.finish(Group {
-                        head: self.head.clone(),
-                        events: Vec::new(),
-                        replies: Vec::new(),
-                    });
-                }
-                for (reply, written) in records {
-                    let outcome = match written {
-                        Ok(()) if self.failed.get().is_some() => Err(unavailable(&self.failed)),
-                        other => other,
-                    };
-                    let _ = reply.send(outcome);
-                }
+            // Records alone wait for the next round that commits (a flush of their own
+            // between two of ingest's would delay the second), unless asked not to.
+            if commits || flush_records {
+                self.answer_records(commits);
             }
             self.prune_idempotency_keys();
         }
+        // Every handle is gone (shutdown): the records still waiting.
+        self.answer_records(false);
     }
 
-    /// Writes webhook records to the store (not yet durable).
-    fn write_records(
-        &self,
-        records: Vec<RecordWrite>,
-    ) -> Vec<(RecordReply, Result<(), AppendError>)> {
-        records
-            .into_iter()
-            .map(|r| {
-                let written = self
-                    .store
-                    .put_webhook_record(&r.id, &r.value, false)
-                    .map_err(|e| AppendError::Unavailable(e.to_string()));
-                (r.reply, written)
-            })
-            .collect()
+    /// Writes webhook records to the store (not yet durable), in the order received.
+    fn write_records(&mut self, records: Vec<RecordWrite>) {
+        for r in records {
+            let written = self
+                .store
+                .put_webhook_record(&r.id, &r.value, false)
+                .map_err(|e| AppendError::Unavailable(e.to_string()));
+            self.unflushed_records.push((r.reply, written));
+        }
+    }
+
+    /// Answers the records written so far once a flush has made them durable: this
+    /// round's (`flushed`: a round that commits flushes, or stops the log), else one of
+    /// their own.
+    fn answer_records(&mut self, flushed: bool) {
+        if self.unflushed_records.is_empty() {
+            return;
+        }
+        // A stopped log flushes nothing more: the records are refused below.
+        if !flushed && self.failed.get().is_none() {
+            self.finish(Group {
+                head: self.head.clone(),
+                events: Vec::new(),
+                replies: Vec::new(),
+            });
+        }
+        for (reply, written) in self.unflushed_records.drain(..) {
+            let outcome = match written {
+                Ok(()) if self.failed.get().is_some() => Err(unavailable(&self.failed)),
+                other => other,
+            };
+            let _ = reply.send(outcome);
+        }
     }
 
     /// Assigns ids, seqs and hashes and writes the group to the store (not yet durable).
@@ -844,5 +876,51 @@ mod tests {
         let d = next_id(Some(max), 10_000);
         assert!(d > max);
         assert_eq!(d.timestamp_ms(), 10_001);
+    }
+
+    fn started(dir: &std::path::Path) -> (Arc<Store>, Writer, WriterThread) {
+        let store =
+            Arc::new(Store::open(crate::store::DataDir::lock(dir).expect("lock")).expect("open"));
+        let (writer, thread) = Writer::start(store.clone(), SyncMode::Fsync).expect("start");
+        (store, writer, thread)
+    }
+
+    /// With no group commit to ride on (ingest idle), a record is flushed on its own.
+    #[tokio::test]
+    async fn a_record_is_stored_without_ingest() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, writer, _thread) = started(tmp.path());
+        let stored = writer.store_webhook_record("w".into(), b"cursor".to_vec());
+        tokio::time::timeout(Duration::from_secs(10), stored)
+            .await
+            .expect("the record was never answered")
+            .expect("stored");
+        assert_eq!(
+            store.webhook_records().expect("records"),
+            vec![b"cursor".to_vec()]
+        );
+    }
+
+    /// A record still waiting for a flush when the writer stops is flushed and answered.
+    #[tokio::test]
+    async fn a_waiting_record_is_stored_at_shutdown() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, writer, thread) = started(tmp.path());
+        let (reply, answer) = oneshot::channel();
+        let record = RecordWrite {
+            id: "w".into(),
+            value: b"last".to_vec(),
+            reply,
+        };
+        writer.tx.send(Input::Record(record)).await.expect("sent");
+        drop(writer);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("join");
+        answer.await.expect("answered").expect("stored");
+        assert_eq!(
+            store.webhook_records().expect("records"),
+            vec![b"last".to_vec()]
+        );
     }
 }
