@@ -250,7 +250,7 @@ pub async fn stream(
         state.store.clone(),
         &state.writer,
         after,
-        Arc::new(selection),
+        selection.into_selector(),
         state.stream_stats.clone(),
     );
     let connected = connected_json(&head, start, pruned_before);
@@ -273,16 +273,31 @@ pub async fn stream(
         probe_at: None,
         _slot: slot,
     };
-    let stream = futures_util::stream::unfold(body, SseBody::next_frame);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    // The state is borrowed by each frame's future, not moved into it: an `async fn`
+    // taking `self` by value holds it twice (argument and local), and this boxed stream
+    // is most of what an idle subscriber costs.
+    let stream = futures_util::stream::unfold(body, |mut body| async move {
+        let frame = body.next_frame().await?;
+        Some((frame, body))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    // Sized for the three headers: hyper keeps the map for the connection's life (to
+    // reuse it), and the default first allocation holds six.
+    let headers = response.headers_mut();
+    *headers = HeaderMap::with_capacity(3);
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    headers.insert(
+        header::HeaderName::from_static("x-accel-buffering"),
+        header::HeaderValue::from_static("no"),
+    );
+    Ok(response)
 }
 
 struct SseBody {
@@ -315,9 +330,9 @@ struct SseBody {
 type Frame = Result<Bytes, std::io::Error>;
 
 impl SseBody {
-    async fn next_frame(mut self) -> Option<(Frame, SseBody)> {
+    async fn next_frame(&mut self) -> Option<Frame> {
         if let Some(first) = self.first.take() {
-            return Some((Ok(first), self));
+            return Some(Ok(first));
         }
         loop {
             let next = tokio::select! {
@@ -333,7 +348,7 @@ impl SseBody {
                     self.probe_at = Some(probe_at);
                     self.timer.as_mut().reset(probe_at.into());
                     self.last_frame = Instant::now();
-                    return Some((Ok(self.heartbeat_frame()), self));
+                    return Some(Ok(self.heartbeat_frame()));
                 }
                 next = self.subscription.next() => Some(next?),
             };
@@ -379,11 +394,11 @@ impl SseBody {
                 }
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "stream aborted by a read error");
-                    return Some((Err(std::io::Error::other(e.to_string())), self));
+                    return Some(Err(std::io::Error::other(e.to_string())));
                 }
             };
             self.last_frame = Instant::now();
-            return Some((Ok(frame), self));
+            return Some(Ok(frame));
         }
     }
 
