@@ -171,6 +171,11 @@ impl Subscription {
         }
     }
 
+    /// The store this subscription reads.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// The id delivery continues after.
     pub fn cursor(&self) -> Ulid {
         self.last_id

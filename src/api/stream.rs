@@ -258,16 +258,15 @@ pub async fn stream(
         "retry: {RETRY_MS}\nid: {start}\nevent: connected\ndata: {connected}\n\n"
     ));
     let body = SseBody {
-        store: state.store.clone(),
         subscription,
-        first: Some(first),
+        first: Some(Box::new(first)),
         heartbeat: state.stream.heartbeat,
         last_frame: Instant::now(),
         sent_id: start,
         announce_skips,
         shutdown: state.stream.shutdown.clone(),
         revoked: caller.revoked.clone(),
-        frames: BytesMut::new(),
+        frames: None,
         timer: Box::pin(tokio::time::sleep(state.stream.heartbeat)),
         peer: peer.map(|Extension(peer)| peer),
         probe_at: None,
@@ -300,10 +299,12 @@ pub async fn stream(
     Ok(response)
 }
 
+/// Held for each open stream, idle or not, so kept small: what only some streams need
+/// (the first frame until it is sent, the frame buffer once events are filtered) is
+/// boxed.
 struct SseBody {
-    store: Arc<Store>,
     subscription: Subscription,
-    first: Option<Bytes>,
+    first: Option<Box<Bytes>>,
     heartbeat: Duration,
     last_frame: Instant,
     /// The newest id the client has been sent (as an event or an `id:`-only frame).
@@ -315,7 +316,7 @@ struct SseBody {
     revoked: CancellationToken,
     /// Reused for each batch's frames: once hyper has written (and dropped) the last
     /// batch, its allocation is taken back instead of faulting in a fresh one.
-    frames: BytesMut,
+    frames: Option<Box<BytesMut>>,
     /// Fires at most once per heartbeat interval (re-armed lazily from `last_frame`),
     /// instead of a timer per event.
     timer: Pin<Box<Sleep>>,
@@ -332,7 +333,7 @@ type Frame = Result<Bytes, std::io::Error>;
 impl SseBody {
     async fn next_frame(&mut self) -> Option<Frame> {
         if let Some(first) = self.first.take() {
-            return Some(Ok(first));
+            return Some(Ok(*first));
         }
         loop {
             let next = tokio::select! {
@@ -371,7 +372,8 @@ impl SseBody {
                 }
                 Some(Ok(Item::Events(events))) => {
                     self.sent_id = events.last().map_or(self.sent_id, |e| e.id);
-                    event_frames(&mut self.frames, &events)
+                    let frames = self.frames.get_or_insert_default();
+                    event_frames(frames, &events)
                 }
                 Some(Ok(Item::Skipped(id))) => {
                     if !self.announce_skips || self.last_frame.elapsed() < self.heartbeat {
@@ -385,7 +387,7 @@ impl SseBody {
                     cursor, first_id, ..
                 })) => {
                     self.sent_id = cursor;
-                    let head = self.store.head();
+                    let head = self.subscription.store().head();
                     let connected =
                         connected_json(&head, cursor, first_id.map(|id| id.to_string()));
                     Bytes::from(format!(
