@@ -1,13 +1,19 @@
 //! `cairn serve`: open the data directory, check the chain, start the writer, serve
 //! HTTP until a signal, then drain.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_io_timeout::TimeoutStream;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::add_extension::AddExtension;
@@ -436,43 +442,62 @@ async fn serve_http(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    let http = Arc::new(http);
     loop {
         let io = tokio::select! {
             io = listener.accept() => io,
             () = shutdown.cancelled() => break,
         };
-        let peer = PeerShutdown::default();
-        let body_peer = peer.clone();
-        let service = MapRequestBody::new(
-            AddExtension::new(router.clone(), peer.clone()),
-            move |body| BodyUntilPeerShutdown::new(body, body_peer.clone()),
-        );
-        let io = HalfCloseAware::new(io, peer.clone());
-        let connection = http
-            .serve_connection(
-                hyper_util::rt::TokioIo::new(io),
-                hyper_util::service::TowerToHyperService::new(service),
-            )
-            .with_upgrades();
+        let (router, http) = (router.clone(), http.clone());
         let (stop, force) = (shutdown.clone(), force.clone());
         connections.spawn(async move {
-            tokio::pin!(connection);
-            let (mut stopping, mut peer_closed) = (false, false);
-            let ended = loop {
-                tokio::select! {
-                    ended = connection.as_mut() => break ended,
-                    // Finish the request in flight (streams end on the same signal)…
-                    () = stop.cancelled(), if !stopping => {
-                        stopping = true;
-                        connection.as_mut().graceful_shutdown();
+            // Built here, not moved in: a future moved into an async block is held twice
+            // (the captured value and the pinned local), and this task is a large part of
+            // what an idle stream costs.
+            let peer = PeerShutdown::default();
+            let body_peer = peer.clone();
+            let service =
+                MapRequestBody::new(AddExtension::new(router, peer.clone()), move |body| {
+                    BodyUntilPeerShutdown::new(body, body_peer.clone())
+                });
+            let service = TowerToHyperService::new(service);
+            // hyper keeps a slot for the request future for the connection's whole life:
+            // boxed, an idle stream holds a pointer there instead of the router's future.
+            let service = hyper::service::service_fn(move |request| {
+                Box::pin(hyper::service::Service::call(&service, request))
+            });
+            let io = HalfCloseAware::new(io, peer.clone());
+            let mut connection = std::pin::pin!(
+                http.serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                    .with_upgrades()
+            );
+            // Until shutdown begins, or the client has sent all it will send (half_close).
+            // The client's end-of-file is seen by this connection's own reader, polled
+            // inside `connection`, so a check after each poll needs no waiting future.
+            let ended = {
+                let mut stopped = std::pin::pin!(stop.cancelled());
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
+                        return Poll::Ready(Some(ended));
                     }
-                    // …as when the client has sent all it will send (half_close).
-                    () = peer.closed().cancelled(), if !peer_closed => {
-                        peer_closed = true;
-                        connection.as_mut().graceful_shutdown();
+                    if peer.closed().is_cancelled() || stopped.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
                     }
-                    // …unless it outlasts the grace period (a body that never ends).
-                    () = force.cancelled() => break Ok(()),
+                    Poll::Pending
+                })
+                .await
+            };
+            // Then finish the request in flight (streams end on the shutdown signal, and
+            // on a half-closed connection after their probes)…
+            let ended = match ended {
+                Some(ended) => ended,
+                None => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        ended = connection.as_mut() => ended,
+                        // …unless it outlasts the grace period (a body that never ends).
+                        () = force.cancelled() => Ok(()),
+                    }
                 }
             };
             // Upgraded (a WebSocket) or done: end-of-file is the new owner's to see.
@@ -510,15 +535,15 @@ struct TimeoutListener {
 }
 
 impl TimeoutListener {
-    async fn accept(&mut self) -> std::pin::Pin<Box<TimeoutStream<TcpStream>>> {
+    async fn accept(&mut self) -> Box<WriteTimeout> {
         loop {
             match self.inner.accept().await {
                 Ok((stream, _)) => {
                     // Small SSE frames must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
-                    let mut stream = TimeoutStream::new(stream);
-                    stream.set_write_timeout(Some(self.write_timeout));
-                    return Box::pin(stream);
+                    // Boxed: the connection task holds a pointer, which keeps it in a
+                    // smaller allocation class.
+                    return Box::new(WriteTimeout::new(stream, self.write_timeout));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait instead of spinning.
@@ -527,5 +552,105 @@ impl TimeoutListener {
                 }
             }
         }
+    }
+}
+
+/// A connection's socket whose writes (and flushes and shutdown) fail with `TimedOut`
+/// once one has waited `timeout` without progress; the countdown starts when a write
+/// returns pending and stops when one completes, as the `tokio-io-timeout` crate's does. Its
+/// timer is allocated the first time a write has to wait, so a connection that never
+/// fills its socket buffer (an idle stream) carries none: that crate's stream held two
+/// timers inline, boxed with the socket (~300 bytes per connection).
+pub(crate) struct WriteTimeout {
+    stream: TcpStream,
+    timeout: Duration,
+    /// `Some` once a write has had to wait; counting down while `waiting`.
+    timer: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl WriteTimeout {
+    fn new(stream: TcpStream, timeout: Duration) -> WriteTimeout {
+        WriteTimeout {
+            stream,
+            timeout,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// Passes a write's result on; a pending one starts (or continues) the countdown,
+    /// which turns it into `TimedOut` once it runs out.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.waiting = false;
+            return result;
+        }
+        let timer = match &mut self.timer {
+            Some(timer) if self.waiting => timer,
+            timer => {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                let timer =
+                    timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                timer.as_mut().reset(deadline);
+                self.waiting = true;
+                timer
+            }
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.waiting = false;
+                Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for WriteTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteTimeout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.check(cx, result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.check(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.stream).poll_flush(cx);
+        self.check(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.check(cx, result)
     }
 }

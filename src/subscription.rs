@@ -29,7 +29,7 @@
 //! so nothing is ever skipped silently.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use bytes::Bytes;
 
@@ -53,6 +53,26 @@ pub trait Selector: Send + Sync + 'static {
     /// True when some events may be filtered out (the stream then reports how far it
     /// has scanned, so a reconnect does not rescan them).
     fn is_filtered(&self) -> bool;
+}
+
+/// The selector of a subscription that wants every event: one for the whole server, so
+/// an unfiltered subscription allocates none (a `Selection` is ~300 bytes, held for the
+/// subscription's life).
+pub fn everything() -> Arc<dyn Selector> {
+    static EVERYTHING: LazyLock<Arc<dyn Selector>> = LazyLock::new(|| Arc::new(Everything));
+    EVERYTHING.clone()
+}
+
+struct Everything;
+
+impl Selector for Everything {
+    fn matches(&self, _: &Event) -> bool {
+        true
+    }
+
+    fn is_filtered(&self) -> bool {
+        false
+    }
 }
 
 /// One group commit as the writer publishes it, once durable.
@@ -149,6 +169,11 @@ impl Subscription {
             read_ahead_stale: false,
             batch_events: FIRST_REPLAY_BATCH_EVENTS,
         }
+    }
+
+    /// The store this subscription reads.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// The id delivery continues after.

@@ -131,6 +131,18 @@ impl Selection {
     }
 }
 
+impl Selection {
+    /// This selection as a subscription's selector; an unfiltered one (which matches
+    /// every event) is the server's shared [`crate::subscription::everything`].
+    pub fn into_selector(self) -> std::sync::Arc<dyn Selector> {
+        if self.is_filtered() {
+            std::sync::Arc::new(self)
+        } else {
+            crate::subscription::everything()
+        }
+    }
+}
+
 impl Selector for Selection {
     fn matches(&self, event: &Event) -> bool {
         self.filter.matches(event)

@@ -250,7 +250,7 @@ pub async fn stream(
         state.store.clone(),
         &state.writer,
         after,
-        Arc::new(selection),
+        selection.into_selector(),
         state.stream_stats.clone(),
     );
     let connected = connected_json(&head, start, pruned_before);
@@ -258,37 +258,53 @@ pub async fn stream(
         "retry: {RETRY_MS}\nid: {start}\nevent: connected\ndata: {connected}\n\n"
     ));
     let body = SseBody {
-        store: state.store.clone(),
         subscription,
-        first: Some(first),
+        first: Some(Box::new(first)),
         heartbeat: state.stream.heartbeat,
         last_frame: Instant::now(),
         sent_id: start,
         announce_skips,
         shutdown: state.stream.shutdown.clone(),
         revoked: caller.revoked.clone(),
-        frames: BytesMut::new(),
+        frames: None,
         timer: Box::pin(tokio::time::sleep(state.stream.heartbeat)),
         peer: peer.map(|Extension(peer)| peer),
         probe_at: None,
         _slot: slot,
     };
-    let stream = futures_util::stream::unfold(body, SseBody::next_frame);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    // The state is borrowed by each frame's future, not moved into it: an `async fn`
+    // taking `self` by value holds it twice (argument and local), and this boxed stream
+    // is most of what an idle subscriber costs.
+    let stream = futures_util::stream::unfold(body, |mut body| async move {
+        let frame = body.next_frame().await?;
+        Some((frame, body))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    // Sized for the three headers: hyper keeps the map for the connection's life (to
+    // reuse it), and the default first allocation holds six.
+    let headers = response.headers_mut();
+    *headers = HeaderMap::with_capacity(3);
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    headers.insert(
+        header::HeaderName::from_static("x-accel-buffering"),
+        header::HeaderValue::from_static("no"),
+    );
+    Ok(response)
 }
 
+/// Held for each open stream, idle or not, so kept small: what only some streams need
+/// (the first frame until it is sent, the frame buffer once events are filtered) is
+/// boxed.
 struct SseBody {
-    store: Arc<Store>,
     subscription: Subscription,
-    first: Option<Bytes>,
+    first: Option<Box<Bytes>>,
     heartbeat: Duration,
     last_frame: Instant,
     /// The newest id the client has been sent (as an event or an `id:`-only frame).
@@ -300,7 +316,7 @@ struct SseBody {
     revoked: CancellationToken,
     /// Reused for each batch's frames: once hyper has written (and dropped) the last
     /// batch, its allocation is taken back instead of faulting in a fresh one.
-    frames: BytesMut,
+    frames: Option<Box<BytesMut>>,
     /// Fires at most once per heartbeat interval (re-armed lazily from `last_frame`),
     /// instead of a timer per event.
     timer: Pin<Box<Sleep>>,
@@ -315,9 +331,9 @@ struct SseBody {
 type Frame = Result<Bytes, std::io::Error>;
 
 impl SseBody {
-    async fn next_frame(mut self) -> Option<(Frame, SseBody)> {
+    async fn next_frame(&mut self) -> Option<Frame> {
         if let Some(first) = self.first.take() {
-            return Some((Ok(first), self));
+            return Some(Ok(*first));
         }
         loop {
             let next = tokio::select! {
@@ -333,7 +349,7 @@ impl SseBody {
                     self.probe_at = Some(probe_at);
                     self.timer.as_mut().reset(probe_at.into());
                     self.last_frame = Instant::now();
-                    return Some((Ok(self.heartbeat_frame()), self));
+                    return Some(Ok(self.heartbeat_frame()));
                 }
                 next = self.subscription.next() => Some(next?),
             };
@@ -356,7 +372,8 @@ impl SseBody {
                 }
                 Some(Ok(Item::Events(events))) => {
                     self.sent_id = events.last().map_or(self.sent_id, |e| e.id);
-                    event_frames(&mut self.frames, &events)
+                    let frames = self.frames.get_or_insert_default();
+                    event_frames(frames, &events)
                 }
                 Some(Ok(Item::Skipped(id))) => {
                     if !self.announce_skips || self.last_frame.elapsed() < self.heartbeat {
@@ -370,7 +387,7 @@ impl SseBody {
                     cursor, first_id, ..
                 })) => {
                     self.sent_id = cursor;
-                    let head = self.store.head();
+                    let head = self.subscription.store().head();
                     let connected =
                         connected_json(&head, cursor, first_id.map(|id| id.to_string()));
                     Bytes::from(format!(
@@ -379,11 +396,11 @@ impl SseBody {
                 }
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "stream aborted by a read error");
-                    return Some((Err(std::io::Error::other(e.to_string())), self));
+                    return Some(Err(std::io::Error::other(e.to_string())));
                 }
             };
             self.last_frame = Instant::now();
-            return Some((Ok(frame), self));
+            return Some(Ok(frame));
         }
     }
 

@@ -186,7 +186,7 @@ pub async fn events_ws(
         state.store.clone(),
         &state.writer,
         after,
-        Arc::new(selection),
+        selection.into_selector(),
         state.stream_stats.clone(),
     );
     let connected = text_json(&connected_json(&head, start, pruned_before));
@@ -362,7 +362,8 @@ impl Connection {
                     Ok(started) => started,
                     Err(e) => return error_message(&e),
                 };
-                self.subscription.reposition(start, Arc::new(selection));
+                self.subscription
+                    .reposition(start, selection.into_selector());
                 // The new position is where "continue after the last event sent" starts
                 // from until an event is sent.
                 self.delivered = after;
