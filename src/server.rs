@@ -1,19 +1,15 @@
 //! `cairn serve`: open the data directory, check the chain, start the writer, serve
 //! HTTP until a signal, then drain.
 
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Sleep;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::add_extension::AddExtension;
@@ -535,15 +531,17 @@ struct TimeoutListener {
 }
 
 impl TimeoutListener {
-    async fn accept(&mut self) -> Box<WriteTimeout> {
+    async fn accept(&mut self) -> std::pin::Pin<Box<TimeoutStream<TcpStream>>> {
         loop {
             match self.inner.accept().await {
                 Ok((stream, _)) => {
                     // Small SSE frames must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
+                    let mut stream = TimeoutStream::new(stream);
+                    stream.set_write_timeout(Some(self.write_timeout));
                     // Boxed: the connection task holds a pointer, which keeps it in a
                     // smaller allocation class.
-                    return Box::new(WriteTimeout::new(stream, self.write_timeout));
+                    return Box::pin(stream);
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait instead of spinning.
@@ -552,105 +550,5 @@ impl TimeoutListener {
                 }
             }
         }
-    }
-}
-
-/// A connection's socket whose writes (and flushes and shutdown) fail with `TimedOut`
-/// once one has waited `timeout` without progress; the countdown starts when a write
-/// returns pending and stops when one completes, as the `tokio-io-timeout` crate's does. Its
-/// timer is allocated the first time a write has to wait, so a connection that never
-/// fills its socket buffer (an idle stream) carries none: that crate's stream held two
-/// timers inline, boxed with the socket (~300 bytes per connection).
-pub(crate) struct WriteTimeout {
-    stream: TcpStream,
-    timeout: Duration,
-    /// `Some` once a write has had to wait; counting down while `waiting`.
-    timer: Option<Pin<Box<Sleep>>>,
-    waiting: bool,
-}
-
-impl WriteTimeout {
-    fn new(stream: TcpStream, timeout: Duration) -> WriteTimeout {
-        WriteTimeout {
-            stream,
-            timeout,
-            timer: None,
-            waiting: false,
-        }
-    }
-
-    /// Passes a write's result on; a pending one starts (or continues) the countdown,
-    /// which turns it into `TimedOut` once it runs out.
-    fn check<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        result: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if result.is_ready() {
-            self.waiting = false;
-            return result;
-        }
-        let timer = match &mut self.timer {
-            Some(timer) if self.waiting => timer,
-            timer => {
-                let deadline = tokio::time::Instant::now() + self.timeout;
-                let timer =
-                    timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                timer.as_mut().reset(deadline);
-                self.waiting = true;
-                timer
-            }
-        };
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.waiting = false;
-                Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl AsyncRead for WriteTimeout {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for WriteTimeout {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.check(cx, result)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.check(cx, result)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let result = Pin::new(&mut self.stream).poll_flush(cx);
-        self.check(cx, result)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let result = Pin::new(&mut self.stream).poll_shutdown(cx);
-        self.check(cx, result)
     }
 }
