@@ -568,6 +568,8 @@ impl WriterState {
                 for r in records {
                     let _ = r.reply.send(Err(unavailable(&self.failed)));
                 }
+                // Records written before the log stopped are never flushed: refused too.
+                self.answer_records(true);
                 continue;
             }
             // Written first, so the flush of whatever this round commits covers them.
@@ -921,6 +923,36 @@ mod tests {
         assert_eq!(
             store.webhook_records().expect("records"),
             vec![b"last".to_vec()]
+        );
+    }
+
+    /// A record waiting for a flush when the log stops is refused, not left unanswered.
+    #[tokio::test]
+    async fn a_waiting_record_is_refused_when_the_log_stops() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, writer, _thread) = started(tmp.path());
+        let (reply, answer) = oneshot::channel();
+        let record = RecordWrite {
+            id: "w".into(),
+            value: b"cursor".to_vec(),
+            reply,
+        };
+        writer.tx.send(Input::Record(record)).await.expect("sent");
+        // Written (and waiting for a flush) once the store shows it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.webhook_records().expect("records").is_empty() {
+            assert!(Instant::now() < deadline, "the record was never written");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        writer.halt("stopped by the test".into());
+        writer.tx.send(Input::FlushRecords).await.expect("sent");
+        let answered = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("the waiting record was never answered")
+            .expect("answered");
+        assert!(
+            answered.is_err(),
+            "a record the log never flushed was acknowledged"
         );
     }
 }
