@@ -887,6 +887,22 @@ mod tests {
         (store, writer, thread)
     }
 
+    /// Sends webhook `w`'s record without asking for a flush (as a task does before its
+    /// wait runs out); the answer comes once one has made it durable.
+    async fn send_record(
+        writer: &Writer,
+        value: &[u8],
+    ) -> oneshot::Receiver<Result<(), AppendError>> {
+        let (reply, answer) = oneshot::channel();
+        let record = RecordWrite {
+            id: "w".into(),
+            value: value.to_vec(),
+            reply,
+        };
+        writer.tx.send(Input::Record(record)).await.expect("sent");
+        answer
+    }
+
     /// With no group commit to ride on (ingest idle), a record is flushed on its own.
     #[tokio::test]
     async fn a_record_is_stored_without_ingest() {
@@ -908,13 +924,7 @@ mod tests {
     async fn a_waiting_record_is_stored_at_shutdown() {
         let tmp = tempfile::tempdir().expect("tmp");
         let (store, writer, thread) = started(tmp.path());
-        let (reply, answer) = oneshot::channel();
-        let record = RecordWrite {
-            id: "w".into(),
-            value: b"last".to_vec(),
-            reply,
-        };
-        writer.tx.send(Input::Record(record)).await.expect("sent");
+        let answer = send_record(&writer, b"last").await;
         drop(writer);
         tokio::task::spawn_blocking(move || thread.join())
             .await
@@ -931,13 +941,7 @@ mod tests {
     async fn a_waiting_record_is_refused_when_the_log_stops() {
         let tmp = tempfile::tempdir().expect("tmp");
         let (store, writer, _thread) = started(tmp.path());
-        let (reply, answer) = oneshot::channel();
-        let record = RecordWrite {
-            id: "w".into(),
-            value: b"cursor".to_vec(),
-            reply,
-        };
-        writer.tx.send(Input::Record(record)).await.expect("sent");
+        let answer = send_record(&writer, b"cursor").await;
         // Written (and waiting for a flush) once the store shows it.
         let deadline = Instant::now() + Duration::from_secs(10);
         while store.webhook_records().expect("records").is_empty() {

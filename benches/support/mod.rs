@@ -157,16 +157,7 @@ impl Drop for Server {
 /// CPU seconds (user + system) process `pid` has used so far.
 pub fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name (in parentheses): utime is the 12th field, stime the 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    parse_stat(&stat).map_or(0.0, |(_, secs)| secs)
 }
 
 /// CPU seconds (user + system) of each of process `pid`'s threads so far, summed by
@@ -178,20 +169,26 @@ pub fn thread_cpu_secs(pid: u32) -> std::collections::BTreeMap<String, f64> {
     };
     for task in tasks.flatten() {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let (Some(open), Some((name_part, after))) = (stat.find('('), stat.rsplit_once(')')) else {
-            continue;
-        };
-        let name = name_part[open + 1..].to_string();
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        *by_name.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+        if let Some((name, secs)) = parse_stat(&stat) {
+            *by_name.entry(name.to_string()).or_insert(0.0) += secs;
+        }
     }
     by_name
+}
+
+/// A `/proc/…/stat` line's command name and CPU seconds (user + system).
+fn parse_stat(stat: &str) -> Option<(&str, f64)> {
+    let open = stat.find('(')?;
+    let (name_part, after) = stat.rsplit_once(')')?;
+    // After the command name (in parentheses): utime is the 12th field, stime the 13th.
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Some((&name_part[open + 1..], (ticks(11) + ticks(12)) / 100.0))
 }
 
 pub fn free_port() -> u16 {
