@@ -39,18 +39,23 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    // 200,000 events take under a second here; longer runs average the machine's noise.
+    let events: u64 = std::env::var("CAIRN_BENCH_EVENTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
     if wanted("w1") {
         for run in 1..=2 {
             let s = Server::start("fsync", &[]);
             let name = format!("W1 fsync, 4 conns x 100/batch, run {run}");
-            measure(&rt, &s, &name, 4, 100, 200_000);
+            measure(&rt, &s, &name, 4, 100, events);
         }
     }
     if wanted("w2") {
         for run in 1..=2 {
             let s = Server::start("none", &[]);
             let name = format!("W2 --sync none, 4 conns x 100/batch, run {run}");
-            measure(&rt, &s, &name, 4, 100, 200_000);
+            measure(&rt, &s, &name, 4, 100, events);
         }
     }
     if wanted("single") {

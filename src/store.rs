@@ -55,6 +55,7 @@
 //! (set by the writer after each sync), so a query cannot return an event a crash
 //! could take back.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -298,21 +299,53 @@ pub(crate) fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-/// Events as one compressed chunk: the stored form, also the cluster's message form.
-pub(crate) fn encode_chunk(events: &[Event]) -> Vec<u8> {
-    let stored: Vec<StoredEvent<'_>> = events
-        .iter()
-        .map(|e| StoredEvent {
+/// A chunk's events in their stored form, serialized as the sequence a
+/// `Vec<StoredEvent>` would be (same bytes) without building that `Vec`.
+struct ChunkEvents<'a>(&'a [Event]);
+
+impl Serialize for ChunkEvents<'_> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|e| StoredEvent {
             id: e.id.0,
             seq: e.seq,
             event_type: e.event_type.as_str().into(),
             source: e.source.as_deref().map(Into::into),
             line: (&*e.line).into(),
-        })
-        .collect();
-    // Encoding plain structs into a Vec cannot fail.
-    let plain = bincode::serde::encode_to_vec(&stored, bincode_config()).unwrap_or_default();
-    lz4_flex::compress_prepend_size(&plain)
+        }))
+    }
+}
+
+thread_local! {
+    /// The last chunk's uncompressed encoding and compressed form, kept for their
+    /// capacity: grown from empty for every chunk (~120 KB), they cost the writer a
+    /// chain of reallocations and fresh pages per group.
+    static CHUNK_SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Events as one compressed chunk (the stored form, also the cluster's message form),
+/// passed to `use_chunk`: bincode, then LZ4 with the plain length prepended.
+fn with_encoded_chunk<T>(events: &[Event], use_chunk: impl FnOnce(&[u8]) -> T) -> T {
+    CHUNK_SCRATCH.with_borrow_mut(|(plain, packed)| {
+        plain.clear();
+        // Encoding plain structs into a Vec cannot fail.
+        let _ = bincode::serde::encode_into_std_write(ChunkEvents(events), plain, bincode_config());
+        let needed = 4 + lz4_flex::block::get_maximum_output_size(plain.len());
+        if packed.len() < needed {
+            packed.resize(needed, 0);
+        }
+        packed[..4].copy_from_slice(&(plain.len() as u32).to_le_bytes());
+        // The output holds the worst case: compressing cannot run out of room.
+        let len = lz4_flex::block::compress_into(plain, &mut packed[4..]).unwrap_or(0);
+        use_chunk(&packed[..4 + len])
+    })
+}
+
+/// Events as one compressed chunk: the stored form, also the cluster's message form.
+pub(crate) fn encode_chunk(events: &[Event]) -> Vec<u8> {
+    with_encoded_chunk(events, <[u8]>::to_vec)
 }
 
 pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
@@ -569,13 +602,19 @@ impl CommitBatch {
         let Some(first) = events.first() else {
             return;
         };
-        let value = encode_chunk(events);
         let line_bytes: usize = events.iter().map(|e| e.line.len()).sum();
-        COMPRESSED_PER_KIB.store(
-            (value.len() * 1024 / line_bytes.max(1)).max(1),
-            Ordering::Relaxed,
-        );
-        if value.len() > MAX_VALUE_BYTES && events.len() > 1 {
+        let fits = with_encoded_chunk(events, |value| {
+            COMPRESSED_PER_KIB.store(
+                (value.len() * 1024 / line_bytes.max(1)).max(1),
+                Ordering::Relaxed,
+            );
+            let fits = value.len() <= MAX_VALUE_BYTES || events.len() == 1;
+            if fits {
+                self.put_chunk(first, value);
+            }
+            fits
+        });
+        if !fits {
             #[cfg(test)]
             {
                 self.splits += 1;
@@ -583,9 +622,7 @@ impl CommitBatch {
             let (left, right) = events.split_at(events.len() / 2);
             self.add_chunk(left);
             self.add_chunk(right);
-            return;
         }
-        self.put_chunk(first, &value);
     }
 
     /// Stores one encoded chunk under its first event's id, with the seq index entry,
@@ -1936,6 +1973,52 @@ mod tests {
         }
         // The first chunk ever written has no ratio to go by.
         assert_eq!(splits[1..], [0; 4], "splits per group: {splits:?}");
+    }
+
+    /// Logs on disk and cluster messages hold chunks in this exact form: bincode of a
+    /// `Vec<StoredEvent>`, LZ4 with the plain length prepended. Reusing buffers from
+    /// one chunk to the next must give the same bytes for every chunk.
+    #[test]
+    fn chunks_keep_their_stored_form() {
+        let with_source: Vec<Event> = events(40, 300)
+            .into_iter()
+            .map(|mut e| {
+                e.source = Some(format!("{{\"host\":\"h{}\"}}", e.seq));
+                e
+            })
+            .collect();
+        for chunk in [
+            events(256, 400),
+            events(3, 50),
+            with_source,
+            events(1, 20_000),
+        ] {
+            let stored: Vec<StoredEvent<'_>> = chunk
+                .iter()
+                .map(|e| StoredEvent {
+                    id: e.id.0,
+                    seq: e.seq,
+                    event_type: e.event_type.as_str().into(),
+                    source: e.source.as_deref().map(Into::into),
+                    line: (&*e.line).into(),
+                })
+                .collect();
+            let plain = bincode::serde::encode_to_vec(&stored, bincode_config()).expect("encode");
+            assert_eq!(
+                encode_chunk(&chunk),
+                lz4_flex::compress_prepend_size(&plain)
+            );
+            let back = decode_chunk(&encode_chunk(&chunk)).expect("decode");
+            assert_eq!(
+                back.iter()
+                    .map(|e| (&*e.line, e.seq, e.source.clone()))
+                    .collect::<Vec<_>>(),
+                chunk
+                    .iter()
+                    .map(|e| (&*e.line, e.seq, e.source.clone()))
+                    .collect::<Vec<_>>()
+            );
+        }
     }
 
     /// A cluster node stores a stream message's chunk as received when it fits one
