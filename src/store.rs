@@ -325,6 +325,10 @@ thread_local! {
     static CHUNK_SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Scratch buffers larger than this (a cluster group's message, a single large event)
+/// are freed after use rather than kept by the thread.
+const SCRATCH_KEPT_BYTES: usize = 4 * CHUNK_BYTES;
+
 /// Events as one compressed chunk (the stored form, also the cluster's message form),
 /// passed to `use_chunk`: bincode, then LZ4 with the plain length prepended.
 fn with_encoded_chunk<T>(events: &[Event], use_chunk: impl FnOnce(&[u8]) -> T) -> T {
@@ -337,9 +341,18 @@ fn with_encoded_chunk<T>(events: &[Event], use_chunk: impl FnOnce(&[u8]) -> T) -
             packed.resize(needed, 0);
         }
         packed[..4].copy_from_slice(&(plain.len() as u32).to_le_bytes());
-        // The output holds the worst case: compressing cannot run out of room.
-        let len = lz4_flex::block::compress_into(plain, &mut packed[4..]).unwrap_or(0);
-        use_chunk(&packed[..4 + len])
+        // The output holds the worst case, so this does not fail; if it did, the
+        // allocating form (same bytes) is used rather than storing a broken chunk.
+        let used = match lz4_flex::block::compress_into(plain, &mut packed[4..]) {
+            Ok(len) => use_chunk(&packed[..4 + len]),
+            Err(_) => use_chunk(&lz4_flex::compress_prepend_size(plain)),
+        };
+        for buffer in [plain, packed] {
+            if buffer.capacity() > SCRATCH_KEPT_BYTES {
+                *buffer = Vec::new();
+            }
+        }
+        used
     })
 }
 
