@@ -282,17 +282,14 @@ impl DataDir {
     }
 }
 
-/// On-disk form of one event inside a chunk.
-#[derive(Serialize, Deserialize)]
+/// On-disk form of one event inside a chunk (read back as [`StoredEventBytes`]).
+#[derive(Serialize)]
 struct StoredEvent<'a> {
     id: u128,
     seq: u64,
-    #[serde(borrow)]
-    event_type: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    source: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    line: std::borrow::Cow<'a, str>,
+    event_type: &'a str,
+    source: Option<&'a str>,
+    line: &'a str,
 }
 
 pub(crate) fn bincode_config() -> bincode::config::Configuration {
@@ -311,9 +308,9 @@ impl Serialize for ChunkEvents<'_> {
         serializer.collect_seq(self.0.iter().map(|e| StoredEvent {
             id: e.id.0,
             seq: e.seq,
-            event_type: e.event_type.as_str().into(),
-            source: e.source.as_deref().map(Into::into),
-            line: (&*e.line).into(),
+            event_type: &e.event_type,
+            source: e.source.as_deref(),
+            line: &e.line,
         }))
     }
 }
@@ -373,29 +370,67 @@ pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>> {
         lz4_flex::decompress_size_prepended(bytes)
             .map_err(|e| StoreError::Corrupt(format!("chunk does not decompress: {e}")))?,
     );
-    let (stored, _): (Vec<StoredEvent<'_>>, usize) =
-        bincode::serde::borrow_decode_from_slice(&plain, bincode_config())
+    let (events, _) =
+        bincode::serde::seed_decode_from_slice(ChunkReader(&plain), &plain, bincode_config())
             .map_err(|e| StoreError::Corrupt(format!("chunk does not decode: {e}")))?;
-    stored
-        .into_iter()
-        .map(|s| {
-            // Lines are views into the decompressed chunk: no copy, no allocation each.
-            let line = match s.line {
-                std::borrow::Cow::Borrowed(line) => {
-                    ByteString::try_from(plain.slice_ref(line.as_bytes()))
-                        .map_err(|_| StoreError::Corrupt("event line is not UTF-8".into()))?
-                }
-                std::borrow::Cow::Owned(line) => line.into(),
-            };
-            Ok(Event {
-                id: Ulid(s.id),
-                seq: s.seq,
-                event_type: s.event_type.into_owned(),
-                source: s.source.map(|c| c.into_owned()),
+    Ok(events)
+}
+
+/// One stored event as read back: [`StoredEvent`] with the line as bytes (bincode
+/// encodes `str` and bytes alike), so that it is checked for UTF-8 once, when it
+/// becomes the event's `ByteString`, not also while decoding.
+#[derive(Deserialize)]
+struct StoredEventBytes<'a> {
+    id: u128,
+    seq: u64,
+    #[serde(borrow)]
+    event_type: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    source: Option<std::borrow::Cow<'a, str>>,
+    line: &'a [u8],
+}
+
+/// Decodes a decompressed chunk straight into events, each line a view into the chunk
+/// (no copy, no allocation each, no intermediate `Vec` of stored events).
+struct ChunkReader<'p>(&'p bytes::Bytes);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ChunkReader<'_> {
+    type Value = Vec<Event>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<Vec<Event>, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ChunkReader<'_> {
+    type Value = Vec<Event>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence of stored events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Vec<Event>, A::Error> {
+        // The stated count comes from the stored bytes: not trusted for the allocation.
+        let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(CHUNK_EVENTS));
+        while let Some(stored) = seq.next_element::<StoredEventBytes<'de>>()? {
+            let line = ByteString::try_from(self.0.slice_ref(stored.line))
+                .map_err(|_| serde::de::Error::custom("event line is not UTF-8"))?;
+            events.push(Event {
+                id: Ulid(stored.id),
+                seq: stored.seq,
+                event_type: stored.event_type.into_owned(),
+                source: stored.source.map(|c| c.into_owned()),
                 line,
-            })
-        })
-        .collect()
+            });
+        }
+        Ok(events)
+    }
 }
 
 fn event_key(id: Ulid) -> [u8; 17] {
@@ -2011,9 +2046,9 @@ mod tests {
                 .map(|e| StoredEvent {
                     id: e.id.0,
                     seq: e.seq,
-                    event_type: e.event_type.as_str().into(),
-                    source: e.source.as_deref().map(Into::into),
-                    line: (&*e.line).into(),
+                    event_type: &e.event_type,
+                    source: e.source.as_deref(),
+                    line: &e.line,
                 })
                 .collect();
             let plain = bincode::serde::encode_to_vec(&stored, bincode_config()).expect("encode");
@@ -2032,6 +2067,35 @@ mod tests {
                     .collect::<Vec<_>>()
             );
         }
+    }
+
+    /// The stored bytes of a one-event chunk, written out: a count, then per event
+    /// the id, seq, type, source (absent, present) and line, bincode's varints and
+    /// length-prefixed strings.
+    #[test]
+    fn a_chunk_has_a_fixed_byte_layout() {
+        let event = |seq: u64, source: Option<&str>| Event {
+            id: Ulid(1),
+            seq,
+            event_type: "t".into(),
+            source: source.map(Into::into),
+            line: "{}".into(),
+        };
+        let chunk = encode_chunk(&[event(2, None), event(3, Some("s"))]);
+        let plain = lz4_flex::decompress_size_prepended(&chunk).expect("decompress");
+        assert_eq!(
+            plain,
+            [
+                2, 1, 2, 1, b't', 0, 2, b'{', b'}', 1, 3, 1, b't', 1, 1, b's', 2, b'{', b'}'
+            ]
+        );
+        let back = decode_chunk(&chunk).expect("decode");
+        assert_eq!(back[1].source.as_deref(), Some("s"));
+        assert_eq!((&*back[0].line, back[0].seq), ("{}", 2));
+        // A line that is not UTF-8 (a damaged chunk) is refused, not served.
+        let damaged = lz4_flex::compress_prepend_size(&[1, 1, 2, 1, b't', 0, 1, 0xff]);
+        let refused = decode_chunk(&damaged).map(|_| ()).expect_err("refused");
+        assert!(refused.to_string().contains("not UTF-8"), "{refused}");
     }
 
     /// A cluster node stores a stream message's chunk as received when it fits one
