@@ -2069,7 +2069,7 @@ mod tests {
         }
     }
 
-    /// The stored bytes of a one-event chunk, written out: a count, then per event
+    /// The stored bytes of a two-event chunk, written out: a count, then per event
     /// the id, seq, type, source (absent, present) and line, bincode's varints and
     /// length-prefixed strings.
     #[test]
