@@ -288,6 +288,15 @@ impl Forwarder {
             Appended::New { last_seq, .. } | Appended::Replayed { last_seq, .. } => *last_seq,
         };
         if !self.writer.wait_for_seq(last_seq, LOCAL_APPLY_WAIT).await {
+            if let Appended::Replayed { .. } = appended {
+                // The answer to a replayed key is read from this node's copy, which does
+                // not hold the events yet: the client retries with the same key (503),
+                // instead of an error about events missing from the log (500).
+                return Err(AppendError::ClusterUnavailable(
+                    "this Idempotency-Key's events are in the log, but this node's copy has                      not applied them yet; retry with the same key"
+                        .into(),
+                ));
+            }
             // In the stream, so acknowledged; this node's copy is only late.
             tracing::warn!(
                 last_seq,
