@@ -659,11 +659,14 @@ fn time_until_ingest(server: &Server, key: &str) -> Duration {
             .header("Idempotency-Key", key)
             .body(batch(key, 1).to_string())
             .send()
-            .map(|r| r.status().as_u16());
+            .map(|r| (r.status().as_u16(), r.text().unwrap_or_default()));
         match answer {
-            Ok(201) => return started.elapsed(),
-            Ok(503) | Err(_) => {}
-            Ok(other) => panic!("{key}: HTTP {other}"),
+            Ok((201, _)) => return started.elapsed(),
+            Ok((503, _)) | Err(_) => {}
+            Ok((other, body)) => panic!(
+                "{key}: HTTP {other}: {body}\nthe node's log:\n{}",
+                server.log_text()
+            ),
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
