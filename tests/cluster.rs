@@ -1214,3 +1214,61 @@ fn the_lease_is_renewed_within_the_buckets_time_whatever_the_holders_flag() {
     assert!(!c.log_text().contains("took the sequencer lease"));
     assert_same_log(&[&b, &c], round);
 }
+
+/// A key replayed on a node whose copy has not applied the key's events: the answer is
+/// read from that copy, so the node says "retry" (503) rather than failing on events
+/// it does not hold (a 500); once its copy catches up, the same key gets the first
+/// answer there. b's applier is held with the `CAIRN_TEST_HOLD_APPLIER` hook
+/// (docs/testing.md) while its HTTP side and forwarding keep working.
+#[test]
+fn a_replayed_key_on_a_node_whose_copy_is_behind_answers_retry() {
+    if missing() {
+        return;
+    }
+    let nats = NatsCluster::start(3);
+    let a = node(&nats, "a", None);
+    wait_until(Duration::from_secs(10), "a to take the lease", || {
+        role(&a) == "sequencer"
+    });
+    let hold = tempfile::tempdir().expect("tempdir");
+    let hold_file = hold.path().join("hold");
+    let b_args = node_args(&nats, "b");
+    let b_refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let b_data = tempfile::tempdir().expect("tempdir").keep().join("data");
+    let hold_path = hold_file.to_string_lossy().into_owned();
+    let mut b = Server::launch(
+        &b_data,
+        &b_refs,
+        &[("CAIRN_TEST_HOLD_APPLIER", hold_path.as_str())],
+    )
+    .unwrap_or_else(|log| panic!("b did not start; its log:\n{log}"));
+    b.token = a.token.clone();
+    assert_eq!(post(&a, &batch("before", 2), None).0, 201);
+    wait_until(
+        Duration::from_secs(10),
+        "b to apply the first events",
+        || head_seq(&b) == 2,
+    );
+
+    std::fs::write(&hold_file, b"").expect("hold file");
+    let (status, first) = post(&a, &batch("held", 3), Some("held-key"));
+    assert_eq!(status, 201, "{first}");
+    // b forwards the retry; the sequencer knows the key, b's copy lacks its events.
+    let (status, retry) = post(&b, &batch("held", 3), Some("held-key"));
+    assert_eq!(status, 503, "{retry}\nb's log:\n{}", b.log_text());
+    assert!(
+        retry.to_string().contains("retry with the same key"),
+        "{retry}"
+    );
+    assert_eq!(head_seq(&b), 2, "b's copy was held");
+
+    std::fs::remove_file(&hold_file).expect("release b");
+    wait_until(Duration::from_secs(20), "b to catch up", || {
+        head_seq(&b) == 5
+    });
+    let (status, again) = post(&b, &batch("held", 3), Some("held-key"));
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(again["data"]["first_seq"], first["data"]["first_seq"]);
+    assert_eq!(again["data"]["last_seq"], first["data"]["last_seq"]);
+    assert_same_log(&[&a, &b], 5);
+}

@@ -23,6 +23,11 @@ const RETRY: Duration = Duration::from_millis(100);
 /// Silence after which the applier checks whether the stream moved on without it.
 const SILENCE: Duration = Duration::from_secs(2);
 
+/// Test hook (documented in docs/testing.md): names a file; while it exists, this node
+/// applies nothing more, so a test can hold one node's copy behind the stream while its
+/// HTTP side keeps answering.
+const HOLD_ENV: &str = "CAIRN_TEST_HOLD_APPLIER";
+
 pub(super) async fn run(log: stream::Stream, writer: Writer, shutdown: CancellationToken) {
     // Groups handed to the writer; it may not have stored them yet.
     let mut sent = *writer.applied_stream().borrow();
@@ -109,6 +114,7 @@ async fn follow(
                 *sent + 1
             ));
         }
+        hold_while_asked(shutdown).await;
         let group = GroupMessage::decode(&message.payload).and_then(|g| {
             let events = crate::store::decode_chunk(&g.events).map_err(|e| e.to_string())?;
             Ok(StreamGroup {
@@ -133,5 +139,17 @@ async fn follow(
             .await
             .map_err(|e| format!("the writer stopped: {e}"))?;
         *sent = stream_seq;
+    }
+}
+
+/// Waits while the file named by [`HOLD_ENV`] exists (never, when it is not set).
+async fn hold_while_asked(shutdown: &CancellationToken) {
+    let Some(path) = std::env::var_os(HOLD_ENV) else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    while path.exists() && !shutdown.is_cancelled() {
+        tracing::debug!("{HOLD_ENV}: holding the applier");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -293,7 +293,8 @@ impl Forwarder {
                 // not hold the events yet: the client retries with the same key (503),
                 // instead of an error about events missing from the log (500).
                 return Err(AppendError::ClusterUnavailable(
-                    "this Idempotency-Key's events are in the log, but this node's copy has                      not applied them yet; retry with the same key"
+                    "this Idempotency-Key's events are in the log, but this node's copy has \
+                     not applied them yet; retry with the same key"
                         .into(),
                 ));
             }
