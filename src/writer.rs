@@ -122,8 +122,13 @@ struct RecordWrite {
 }
 
 /// How long a webhook record waits for a group commit to make it durable before its
-/// caller asks the writer to flush for it alone (ingest idle).
+/// caller asks the writer to flush for it alone (ingest stopped just after it came).
 const RECORD_FLUSH_DELAY: Duration = Duration::from_millis(5);
+
+/// Ingest counts as under way for this long after a round that committed: records then
+/// wait for its next group commit; later, the writer flushes them at once (a webhook
+/// catching up on an idle log must not wait [`RECORD_FLUSH_DELAY`] per request).
+const INGEST_ACTIVE_FOR: Duration = RECORD_FLUSH_DELAY;
 
 type RecordReply = oneshot::Sender<Result<(), AppendError>>;
 
@@ -177,6 +182,16 @@ impl WriterThread {
 impl Writer {
     /// Starts the writer thread on a store whose head is loaded.
     pub fn start(store: Arc<Store>, sync: SyncMode) -> std::io::Result<(Writer, WriterThread)> {
+        Writer::start_with(store, sync, INGEST_ACTIVE_FOR)
+    }
+
+    /// [`Writer::start`] with how long ingest counts as under way after a commit (tests
+    /// lengthen it to keep records waiting).
+    fn start_with(
+        store: Arc<Store>,
+        sync: SyncMode,
+        ingest_active_for: Duration,
+    ) -> std::io::Result<(Writer, WriterThread)> {
         let (tx, rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let failed = Failure::default();
@@ -195,6 +210,8 @@ impl Writer {
             last_prune: None,
             frontier: merkle::Frontier::default(),
             unflushed_records: Vec::new(),
+            last_commit: None,
+            ingest_active_for,
         };
         let writer = std::thread::Builder::new()
             .name("cairn-writer".into())
@@ -361,6 +378,9 @@ struct WriterState {
     frontier: merkle::Frontier,
     /// Webhook records written, waiting for a flush to answer them.
     unflushed_records: Vec<(RecordReply, Result<(), AppendError>)>,
+    /// When a round last committed events (ingest or the cluster's stream).
+    last_commit: Option<Instant>,
+    ingest_active_for: Duration,
 }
 
 /// Most events merged into one broadcast message.
@@ -575,6 +595,9 @@ impl WriterState {
             // Written first, so the flush of whatever this round commits covers them.
             self.write_records(records);
             let commits = !stream_groups.is_empty() || !requests.is_empty();
+            let ingest_idle = self
+                .last_commit
+                .is_none_or(|at| at.elapsed() >= self.ingest_active_for);
             if !stream_groups.is_empty() {
                 self.apply_stream_groups(stream_groups);
             }
@@ -582,10 +605,14 @@ impl WriterState {
                 let group = self.apply(requests);
                 self.finish(group);
             }
-            // Records alone wait for the next round that commits (a flush of their own
-            // between two of ingest's would delay the second), unless asked not to.
-            if commits || flush_records {
+            // While ingest is under way, records alone wait for its next round (a flush
+            // of their own between two of ingest's would delay the second); on an idle
+            // log, or when asked, they are flushed at once.
+            if commits || flush_records || ingest_idle {
                 self.answer_records(commits);
+            }
+            if commits {
+                self.last_commit = Some(Instant::now());
             }
             self.prune_idempotency_keys();
         }
@@ -887,6 +914,24 @@ mod tests {
         (store, writer, thread)
     }
 
+    /// A writer for which ingest stays "under way" after its first commit, with one
+    /// event committed: records sent to it wait for a flush (none comes by itself).
+    async fn started_with_ingest(dir: &std::path::Path) -> (Arc<Store>, Writer, WriterThread) {
+        let store =
+            Arc::new(Store::open(crate::store::DataDir::lock(dir).expect("lock")).expect("open"));
+        let (writer, thread) =
+            Writer::start_with(store.clone(), SyncMode::Fsync, Duration::from_secs(3600))
+                .expect("start");
+        let events = crate::event::parse_request(
+            br#"{"type":"t","data":1}"#,
+            crate::event::BodyFormat::Json,
+            1,
+        )
+        .expect("event");
+        writer.append(events, None).await.expect("appended");
+        (store, writer, thread)
+    }
+
     /// Sends webhook `w`'s record without asking for a flush (as a task does before its
     /// wait runs out); the answer comes once one has made it durable.
     async fn send_record(
@@ -919,11 +964,75 @@ mod tests {
         );
     }
 
+    /// On an idle log the writer flushes a record at once, without the flush request a
+    /// task sends after waiting (a webhook catching up would otherwise wait that long
+    /// for every request it delivers).
+    #[tokio::test]
+    async fn on_an_idle_log_a_record_needs_no_flush_request() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, writer, _thread) = started(tmp.path());
+        for value in [&b"first"[..], b"second"] {
+            let answer = send_record(&writer, value).await;
+            tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .expect("the record was never answered")
+                .expect("answered")
+                .expect("stored");
+            assert_eq!(
+                store.webhook_records().expect("records"),
+                vec![value.to_vec()]
+            );
+        }
+    }
+
+    /// While ingest is under way, a record waits for its next group commit.
+    #[tokio::test]
+    async fn during_ingest_a_record_waits_for_the_next_commit() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, writer, _thread) = started_with_ingest(tmp.path()).await;
+        let written = |value: &[u8]| {
+            let records = store.webhook_records().expect("records");
+            records.iter().any(|r| r == value)
+        };
+        let mut answer = send_record(&writer, b"cursor").await;
+        wait_for(|| written(b"cursor")).await;
+        // Sent once the first is written, so handled in a later round: when it is
+        // written, the first record's round is over, answered or not.
+        let (reply, _second) = oneshot::channel();
+        let second = RecordWrite {
+            id: "other".into(),
+            value: b"x".to_vec(),
+            reply,
+        };
+        writer.tx.send(Input::Record(second)).await.expect("sent");
+        wait_for(|| written(b"x")).await;
+        assert!(
+            matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "a record was answered with no commit to make it durable"
+        );
+        let events = crate::event::parse_request(
+            br#"{"type":"t","data":2}"#,
+            crate::event::BodyFormat::Json,
+            1,
+        )
+        .expect("event");
+        writer.append(events, None).await.expect("appended");
+        answer.await.expect("answered").expect("stored");
+    }
+
+    async fn wait_for(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "the record was never written");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// A record still waiting for a flush when the writer stops is flushed and answered.
     #[tokio::test]
     async fn a_waiting_record_is_stored_at_shutdown() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let (store, writer, thread) = started(tmp.path());
+        let (store, writer, thread) = started_with_ingest(tmp.path()).await;
         let answer = send_record(&writer, b"last").await;
         drop(writer);
         tokio::task::spawn_blocking(move || thread.join())
@@ -940,7 +1049,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_record_is_refused_when_the_log_stops() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let (store, writer, _thread) = started(tmp.path());
+        let (store, writer, _thread) = started_with_ingest(tmp.path()).await;
         let answer = send_record(&writer, b"cursor").await;
         // Written (and waiting for a flush) once the store shows it.
         let deadline = Instant::now() + Duration::from_secs(10);
