@@ -304,9 +304,10 @@ impl Writer {
     }
 
     /// Stores a webhook's record (cursor and counters); resolves once it is durable
-    /// (unless `--sync none`). Records are written in the order they are sent and made
-    /// durable by the next group commit; only when none comes within
-    /// [`RECORD_FLUSH_DELAY`] (ingest idle) does the writer flush for them alone. Ten
+    /// (unless `--sync none`). Records are written in the order they are sent; while
+    /// ingest is under way they are made durable by its next group commit, on an idle
+    /// log at once, and when ingest stops just after one came, the task asks for a flush
+    /// after [`RECORD_FLUSH_DELAY`]. Ten
     /// webhooks storing cursors from their own threads, or with flushes of their own
     /// between ingest's group commits, cost W1 a fifth to a quarter of its throughput
     /// (docs/webhooks.md, "Ingest cost").
