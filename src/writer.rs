@@ -307,10 +307,9 @@ impl Writer {
     /// (unless `--sync none`). Records are written in the order they are sent; while
     /// ingest is under way they are made durable by its next group commit, on an idle
     /// log at once, and when ingest stops just after one came, the task asks for a flush
-    /// after [`RECORD_FLUSH_DELAY`]. Ten
-    /// webhooks storing cursors from their own threads, or with flushes of their own
-    /// between ingest's group commits, cost W1 a fifth to a quarter of its throughput
-    /// (docs/webhooks.md, "Ingest cost").
+    /// after [`RECORD_FLUSH_DELAY`]. Ten webhooks storing cursors from their own
+    /// threads, or with flushes of their own between ingest's group commits, cost W1 a
+    /// fifth to a quarter of its throughput (docs/webhooks.md, "Ingest cost").
     pub async fn store_webhook_record(
         &self,
         id: String,

@@ -142,12 +142,14 @@ async fn follow(
     }
 }
 
-/// Waits while the file named by [`HOLD_ENV`] exists (never, when it is not set).
+/// Waits while the file named by [`HOLD_ENV`] exists (never, when it is not set: the
+/// variable is read once, not per message).
 async fn hold_while_asked(shutdown: &CancellationToken) {
-    let Some(path) = std::env::var_os(HOLD_ENV) else {
+    static HOLD_FILE: std::sync::LazyLock<Option<std::path::PathBuf>> =
+        std::sync::LazyLock::new(|| std::env::var_os(HOLD_ENV).map(Into::into));
+    let Some(path) = HOLD_FILE.as_ref() else {
         return;
     };
-    let path = std::path::PathBuf::from(path);
     while path.exists() && !shutdown.is_cancelled() {
         tracing::debug!("{HOLD_ENV}: holding the applier");
         tokio::time::sleep(Duration::from_millis(50)).await;
