@@ -260,10 +260,11 @@ pub fn latest_size_offline(data: &Path) -> Result<u64, CheckpointError> {
     }
 }
 
-/// Signs a checkpoint whenever the log has grown, at most every `interval`, and once
-/// more at shutdown (after the writer has drained) so the last events are covered.
+/// Signs a checkpoint whenever the log has grown, at most every `interval`; the first
+/// tick is one interval after start-up, which signs before it serves (as shutdown signs
+/// after the writer drains), so what a restart covers never races the first appends.
 pub async fn run(checkpointer: Arc<Checkpointer>, interval: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(interval);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -280,8 +281,6 @@ pub async fn run(checkpointer: Arc<Checkpointer>, interval: Duration, shutdown: 
     }
 }
 
-/// The signer and verifier key in `path`, created (for `origin`, or a generated name)
-/// when missing.
 /// The shared map's key holding the cluster's signing key.
 const SHARED_KEY: &str = "checkpoint-key";
 
@@ -350,6 +349,8 @@ pub async fn share_key(
     }
 }
 
+/// The signer and verifier key in `path`, created (for `origin`, or a generated name)
+/// when missing.
 fn load_or_create_key(
     path: &Path,
     origin: Option<&str>,
