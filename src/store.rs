@@ -2203,7 +2203,9 @@ mod tests {
             let (store, done) = (store.clone(), done.clone());
             std::thread::spawn(move || {
                 let (mut reads, mut previous) = (0u64, 0u64);
-                while !done.load(Ordering::Acquire) || reads < 1_000 {
+                loop {
+                    // Read once more after the last prune, so the last read sees its end.
+                    let pruning_over = done.load(Ordering::Acquire);
                     let first = store.first_retained().expect("read");
                     let (seq, _) =
                         first.unwrap_or_else(|| panic!("no first event after {previous}"));
@@ -2213,6 +2215,9 @@ mod tests {
                     );
                     previous = seq;
                     reads += 1;
+                    if pruning_over && reads >= 1_000 {
+                        break;
+                    }
                 }
                 previous
             })
