@@ -163,7 +163,7 @@ fn verify_lines(
         }
         let body = block.strip_suffix(b"\n").unwrap_or(&block);
         if !block.is_empty() {
-            let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+            let lines = lines_of(body);
             let inspected: Vec<_> = lines
                 .par_iter()
                 .map(|line| inspect_any_form(line))
@@ -186,6 +186,19 @@ fn verify_lines(
     }
 }
 
+/// `body` split at every `\n`, as `split` would. With memchr: this runs on one thread
+/// while the pool waits, and a byte-at-a-time `split` was a tenth of `verify --file`.
+fn lines_of(body: &[u8]) -> Vec<&[u8]> {
+    let mut lines = Vec::with_capacity(body.len() / 256 + 1);
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', body) {
+        lines.push(&body[start..end]);
+        start = end + 1;
+    }
+    lines.push(&body[start..]);
+    lines
+}
+
 fn verify_store(
     store: &Store,
     verifier: &mut Verifier,
@@ -199,4 +212,26 @@ fn verify_store(
         progress.tick(|| format!("verified {} events", verifier.checked()));
     }
     Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lines_of;
+
+    #[test]
+    fn lines_are_split_as_split_splits_them() {
+        for body in [
+            &b""[..],
+            b"a",
+            b"\n",
+            b"a\nb",
+            b"a\n\nb",
+            b"\na\n",
+            b"a\n\n",
+            b"{\"x\":\"\xe2\x80\xa8\"}\n{}",
+        ] {
+            let expected: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+            assert_eq!(lines_of(body), expected, "{body:?}");
+        }
+    }
 }
