@@ -14,7 +14,7 @@
 //! GET /v1/events/stream ─► api::stream    ─┐ subscription: subscribe to the broadcast,
 //! GET /v1/events/ws     ─► api::websocket ─┘ replay the store from the cursor, then
 //!                                            live (lag → store; `subscribe` → reposition)
-//! checkpoint task: every second the log grew ─► merkle root ─► sign ─► data/checkpoint
+//! checkpoint task: at start-up, then every second the log grew ─► merkle root ─► sign ─► data/checkpoint
 //! GET /v1/checkpoint, /v1/proof/* ─► api::proofs ─► merkle (O(log n) stored hashes)
 //!
 //! cluster mode (--nats): writer::append ─► cluster::forward ─► NATS ─► the sequencer
