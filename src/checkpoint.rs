@@ -262,7 +262,8 @@ pub fn latest_size_offline(data: &Path) -> Result<u64, CheckpointError> {
 
 /// Signs a checkpoint whenever the log has grown, at most every `interval`; the first
 /// tick is one interval after start-up, which signs before it serves (as shutdown signs
-/// after the writer drains), so what a restart covers never races the first appends.
+/// after the writer drains), so on a single node what a restart covers never races the
+/// first appends (a cluster node's applier may already be copying events in).
 pub async fn run(checkpointer: Arc<Checkpointer>, interval: Duration, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -68,11 +68,12 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        // cairn: one task needs one thread. `notify_all` woke every idle thread (7 or
-        // more) for each task, and all but one went back to sleep: ~30,000 wake-ups/s and
-        // a third of the server's CPU under ingest, since every write batch seals an IO
-        // buffer and so sends a task. Any waiting thread may take it, so waking one
-        // loses nothing: a busy thread drains the queue before it waits again.
+        // cairn: one task needs one thread. `notify_all` woke every idle thread (the
+        // pool keeps 7 or more) for each task, and all but one went back to sleep:
+        // ~30,000 wake-ups/s and a third of the server's CPU under ingest, since every
+        // write batch seals an IO buffer and so sends a task. Any waiting thread may
+        // take it, so waking one loses nothing: a busy thread drains the queue before
+        // it waits again.
         self.cv.notify_one();
 
         len
