@@ -272,13 +272,19 @@ pub async fn run(checkpointer: Arc<Checkpointer>, interval: Duration, shutdown: 
             _ = ticks.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let c = checkpointer.clone();
-        match tokio::task::spawn_blocking(move || c.sign_if_grown()).await {
-            Ok(Ok(Some(signed))) => tracing::debug!(size = signed.size, "signed a checkpoint"),
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "signing a checkpoint failed"),
-            Err(e) => tracing::error!(error = %e, "the checkpoint task failed"),
-        }
+        sign_if_grown(&checkpointer).await;
+    }
+}
+
+/// [`Checkpointer::sign_if_grown`] off the async workers; a failure is logged (the next
+/// attempt signs what this one did not).
+pub async fn sign_if_grown(checkpointer: &Arc<Checkpointer>) {
+    let c = checkpointer.clone();
+    match tokio::task::spawn_blocking(move || c.sign_if_grown()).await {
+        Ok(Ok(Some(signed))) => tracing::debug!(size = signed.size, "signed a checkpoint"),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "signing a checkpoint failed"),
+        Err(e) => tracing::error!(error = %e, "the checkpoint task failed"),
     }
 }
 

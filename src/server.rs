@@ -380,12 +380,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         stop.cancel();
     });
     // Events a crash left uncovered get their checkpoint before anything is served.
-    let first = checkpoints.clone();
-    match tokio::task::spawn_blocking(move || first.sign_if_grown()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "the start-up checkpoint failed"),
-        Err(e) => tracing::error!(error = %e, "the start-up checkpoint task failed"),
-    }
+    checkpoint::sign_if_grown(&checkpoints).await;
     tokio::spawn(checkpoint::run(
         checkpoints.clone(),
         opts.checkpoint_interval,

@@ -560,6 +560,21 @@ fn a_log_that_lost_its_signed_tail_refuses_to_start() {
     );
 }
 
+/// SIGKILL leaves the last events without a checkpoint; the restarted server signs them
+/// before it serves, not an interval later.
+#[test]
+fn a_restart_after_sigkill_serves_a_checkpoint_of_every_event_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let hour = ["--checkpoint-interval", "3600"];
+    let mut s = Server::start_on(&data, &hour);
+    append(&s, 40, "audit");
+    s.kill();
+    let s = Server::start_on(&data, &hour);
+    let note = text(&s, "/v1/checkpoint");
+    assert_eq!(note.lines().nth(1), Some("40"), "{note}");
+}
+
 #[test]
 fn checkpoints_survive_sigkill_and_stay_consistent() {
     let tmp = tempfile::tempdir().expect("tempdir");
