@@ -9,7 +9,8 @@
 //! (names: w3, w4-sse, w4-ws, w4-mixed, fanout1000, idle-sse, idle-ws, vs-redis; `w4`
 //! runs the three W4s, `idle` both idle runs).
 //!
-//! `vs-redis` (when `redis-server` is on the PATH) runs W1, W2 and W4 against Redis
+//! `vs-redis` (when `redis-server` is on the PATH) runs W1, W2, W4, W5 and single-event
+//! ingest from 64 connections against Redis
 //! Streams on the same machine, cairn and Redis alternating, `CAIRN_BENCH_PAIRS` pairs
 //! (default 3), and prints each pair's ratio and the median.
 //!
@@ -1152,7 +1153,9 @@ async fn open_many(
     }
 }
 
-async fn idle(server: &Server, transport: Transport, total: usize) {
+/// Opens `total` idle streams and prints the server's memory per stream; returns the KiB of
+/// VmRSS per stream.
+async fn idle(server: &Server, transport: Transport, total: usize) -> f64 {
     let addr: std::net::SocketAddr = server.addr.parse().expect("addr");
     let request = match transport {
         Transport::Sse => format!(
@@ -1221,10 +1224,10 @@ async fn idle(server: &Server, transport: Transport, total: usize) {
     let per_conn = (rss2 as f64 - rss0 as f64) / n2.max(1) as f64;
     let marginal = (rss2 as f64 - rss1 as f64) / (n2 - n1).max(1) as f64;
     println!(
-        "W5 idle {transport:?}: {n2} of {total} idle streams open in {open_s:.2} s (healthz connections {hz2}); server VmRSS {:.1} MB -> {:.1} MB: {per_conn:.1} KB per connection [target <= 20 KB: {}]  marginal (1,000 -> {n2}) {marginal:.1} KB",
+        "W5 idle {transport:?}: {n2} of {total} idle streams open in {open_s:.2} s (healthz connections {hz2}); server VmRSS {:.1} MB -> {:.1} MB: {per_conn:.1} KB per connection [target <= 8 KB: {}]  marginal (1,000 -> {n2}) {marginal:.1} KB",
         rss0 as f64 / 1024.0,
         rss2 as f64 / 1024.0,
-        mark(per_conn <= 20.0),
+        mark(per_conn <= 8.0),
         open_s = open_secs,
     );
     println!(
@@ -1232,10 +1235,11 @@ async fn idle(server: &Server, transport: Transport, total: usize) {
         rss1 as f64 / 1024.0,
         rss3 as f64 / 1024.0,
     );
+    per_conn
 }
 
 // ---------------------------------------------------------------------------------------
-// vs-redis: W1, W2 and W4 against Redis Streams, alternating, pair by pair
+// vs-redis: W1, W2, W4, W5 and single-event ingest against Redis Streams, alternating
 
 /// W4 against Redis (`appendfsync everysec`, as the peers' harness): `subs` connections
 /// each loop on `XREAD COUNT 10000 BLOCK 2000 STREAMS events <last id>`; a producer thread
@@ -1437,16 +1441,76 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// `pairs` pairs of cairn and Redis runs of W1 (cairn `--sync fsync` vs `appendfsync
-/// always`), W2 (`--sync none` vs `everysec`) and W4 (SSE, `--sync none` vs `everysec`),
-/// each on a fresh server; which goes first alternates from pair to pair, so a drift of
-/// the machine's speed does not always favour the same side. Prints every run, each
-/// pair's ratio and the median ratio.
-fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize) {
-    use support::redis::{RedisServer, ingest as redis_ingest};
+/// The workloads of `vs-redis`, in the order each pair runs them.
+#[derive(Clone, Copy, PartialEq)]
+enum VsRedis {
+    /// W1: 4 connections × 100 events, cairn `--sync fsync` vs `appendfsync always`.
+    W1,
+    /// W2: the same load, `--sync none` vs `everysec`.
+    W2,
+    /// W4: 100 SSE subscribers × 2,000 events/s vs `XREAD BLOCK` (p99).
+    W4,
+    /// W5: 10,000 idle SSE streams vs 10,000 clients blocked in `XREAD` (KiB each).
+    W5,
+    /// 64 connections × 1 event per request, fsync vs `appendfsync always`.
+    Single,
+}
+
+impl VsRedis {
+    const ALL: [VsRedis; 5] = [
+        VsRedis::W1,
+        VsRedis::W2,
+        VsRedis::W4,
+        VsRedis::W5,
+        VsRedis::Single,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            VsRedis::W1 => "W1",
+            VsRedis::W2 => "W2",
+            VsRedis::W4 => "W4",
+            VsRedis::W5 => "W5",
+            VsRedis::Single => "single",
+        }
+    }
+
+    /// What the ratio compares, and the target.
+    fn what(self) -> &'static str {
+        match self {
+            VsRedis::W1 => "events/s, fsync vs appendfsync always [target >= 1.15]",
+            VsRedis::W2 => "events/s, --sync none vs everysec [target >= 1]",
+            VsRedis::W4 => "p99, SSE --sync none vs XREAD everysec [target <= 1]",
+            VsRedis::W5 => "KiB per idle SSE stream vs blocked XREAD client [target: cairn <= 8]",
+            VsRedis::Single => {
+                "events/s, 64 conns x 1 event, fsync vs always [target: cairn >= 40k/s]"
+            }
+        }
+    }
+
+    /// Whether a ratio above 1 is cairn's advantage (throughput) rather than its cost.
+    fn higher_is_better(self) -> bool {
+        matches!(self, VsRedis::W1 | VsRedis::W2 | VsRedis::Single)
+    }
+}
+
+/// `pairs` pairs of cairn and Redis runs of each [`VsRedis`] workload, each on a fresh
+/// server; which goes first alternates from pair to pair, so a drift of the machine's
+/// speed does not always favour the same side. Prints every run, each pair's ratio and
+/// the median ratio. W5 needs an open-file limit above 10,200 and is skipped below it.
+fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
+    use support::redis::{RedisServer, idle as redis_idle, ingest as redis_ingest};
+    const IDLE: usize = 10_000;
     let (conns, batch, total) = (4, 100, 200_000);
-    // ratios[w][pair]: W1 and W2 cairn/Redis events/s, W4 cairn/Redis p99.
-    let mut ratios: [Vec<f64>; 3] = Default::default();
+    let workloads: Vec<VsRedis> = VsRedis::ALL
+        .into_iter()
+        .filter(|w| *w != VsRedis::W5 || nofile >= IDLE as u64 + 200)
+        .collect();
+    if workloads.len() < VsRedis::ALL.len() {
+        println!("vs-redis: the open-file limit {nofile} is too low for W5's {IDLE} streams; W5 skipped");
+    }
+    // ratios[w][pair]: cairn/Redis, in the workload's own unit.
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); workloads.len()];
     let mut incomplete = 0;
     for pair in 1..=pairs {
         let order: [bool; 2] = if pair % 2 == 1 {
@@ -1454,78 +1518,98 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize) {
         } else {
             [false, true]
         };
-        for (w, (label, cairn_sync, redis_sync)) in [
-            ("W1", "fsync", "always"),
-            ("W2", "none", "everysec"),
-            ("W4", "none", "everysec"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let mut figures = [0.0f64; 2];
+        for (w, &workload) in workloads.iter().enumerate() {
+            let label = workload.label();
+            let mut figures = [f64::NAN; 2];
             for is_cairn in order {
                 let slot = usize::from(!is_cairn);
-                if w < 2 {
-                    figures[slot] = if is_cairn {
-                        let s = Server::start(cairn_sync, &[]);
-                        let name = format!("pair {pair} {label} cairn --sync {cairn_sync}");
-                        support::measure(rt, &s, &name, conns, batch, total)
-                    } else {
-                        let r = RedisServer::start(redis_sync);
-                        let cpu0 = r.cpu_secs();
-                        let (rate, lat) = rt.block_on(redis_ingest(r.port, conns, batch, total));
-                        let cpu = r.cpu_secs() - cpu0;
-                        let name = format!("pair {pair} {label} Redis appendfsync {redis_sync}");
-                        support::report(&name, rate, &lat, cpu * 1e6 / total as f64);
-                        rate
-                    };
-                } else {
-                    let cfg = Fanout {
-                        transport: Transport::Sse,
-                        subs: 100,
-                        rate: 2_000,
-                        secs: 10,
-                        producer_conns: 8,
-                    };
-                    let (p99, complete) = if is_cairn {
-                        let s = Server::start(cairn_sync, &[]);
-                        let name = format!("pair {pair} W4 cairn SSE --sync {cairn_sync}");
-                        rt.block_on(fanout(&s, &cfg, &name, f64::INFINITY))
-                    } else {
-                        let r = RedisServer::start(redis_sync);
-                        let name = format!("pair {pair} W4 Redis XREAD, appendfsync {redis_sync}");
-                        rt.block_on(redis_fanout(r.port, &cfg, &name))
-                    };
-                    incomplete += usize::from(!complete);
-                    figures[slot] = p99;
-                }
+                figures[slot] = match workload {
+                    VsRedis::W1 | VsRedis::W2 | VsRedis::Single => {
+                        let (cairn_sync, redis_sync) = if workload == VsRedis::W2 {
+                            ("none", "everysec")
+                        } else {
+                            ("fsync", "always")
+                        };
+                        let (conns, batch, total) = if workload == VsRedis::Single {
+                            (64, 1, 64_000)
+                        } else {
+                            (conns, batch, total)
+                        };
+                        if is_cairn {
+                            let s = Server::start(cairn_sync, &[]);
+                            let name = format!("pair {pair} {label} cairn --sync {cairn_sync}");
+                            support::measure(rt, &s, &name, conns, batch, total)
+                        } else {
+                            let r = RedisServer::start(redis_sync);
+                            let cpu0 = r.cpu_secs();
+                            let (rate, lat) =
+                                rt.block_on(redis_ingest(r.port, conns, batch, total));
+                            let cpu = r.cpu_secs() - cpu0;
+                            let name = format!("pair {pair} {label} Redis appendfsync {redis_sync}");
+                            support::report(&name, rate, &lat, cpu * 1e6 / total as f64);
+                            rate
+                        }
+                    }
+                    VsRedis::W4 => {
+                        let cfg = Fanout {
+                            transport: Transport::Sse,
+                            subs: 100,
+                            rate: 2_000,
+                            secs: 10,
+                            producer_conns: 8,
+                        };
+                        let (p99, complete) = if is_cairn {
+                            let s = Server::start("none", &[]);
+                            let name = format!("pair {pair} W4 cairn SSE --sync none");
+                            rt.block_on(fanout(&s, &cfg, &name, f64::INFINITY))
+                        } else {
+                            let r = RedisServer::start("everysec");
+                            let name = format!("pair {pair} W4 Redis XREAD, appendfsync everysec");
+                            rt.block_on(redis_fanout(r.port, &cfg, &name))
+                        };
+                        incomplete += usize::from(!complete);
+                        p99
+                    }
+                    VsRedis::W5 => {
+                        if is_cairn {
+                            let s = Server::start("none", &["--max-connections", "20000"]);
+                            rt.block_on(idle(&s, Transport::Sse, IDLE))
+                        } else {
+                            let r = RedisServer::start("everysec");
+                            match rt.block_on(redis_idle(&r, IDLE)) {
+                                Ok(kb) => {
+                                    println!(
+                                        "pair {pair} W5 Redis: {IDLE} clients blocked in XREAD: {kb:.1} KB per connection"
+                                    );
+                                    kb
+                                }
+                                Err(e) => {
+                                    println!("pair {pair} W5 Redis: {e}");
+                                    f64::NAN
+                                }
+                            }
+                        }
+                    }
+                };
             }
             let ratio = figures[0] / figures[1];
             ratios[w].push(ratio);
             println!(
                 "pair {pair} {label}: cairn/Redis = {ratio:.3} ({})",
-                if w < 2 {
+                if workload.higher_is_better() {
                     "events/s; above 1 is cairn faster"
                 } else {
-                    "p99; below 1 is cairn's p99 lower"
+                    "below 1 is cairn lower"
                 }
             );
         }
     }
     println!("vs-redis summary ({pairs} pairs, cairn/Redis per pair, then the median):");
-    for (w, (label, what)) in [
-        (
-            "W1",
-            "events/s, fsync vs appendfsync always [target >= 1.15]",
-        ),
-        ("W2", "events/s, --sync none vs everysec [target >= 1]"),
-        ("W4", "p99, SSE --sync none vs XREAD everysec [target <= 1]"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (w, workload) in workloads.iter().enumerate() {
         println!(
-            "  {label} {what}: {}  median {:.3}",
+            "  {} {}: {}  median {:.3}",
+            workload.label(),
+            workload.what(),
             ratios[w]
                 .iter()
                 .map(|r| format!("{r:.3}"))
@@ -1593,7 +1677,7 @@ fn main() {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(3);
-            vs_redis(&rt, pairs);
+            vs_redis(&rt, pairs, nofile);
         } else {
             println!("vs-redis: redis-server is not installed (PATH); skipped");
         }
@@ -1610,7 +1694,7 @@ fn main() {
             println!("idle: the open-file limit {nofile} is too low for {total} connections");
         } else {
             let s = Server::start("none", &["--max-connections", "20000"]);
-            rt.block_on(idle(&s, transport, total));
+            let _ = rt.block_on(idle(&s, transport, total));
         }
     }
 }

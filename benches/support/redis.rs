@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::{TS, cpu_secs, event, free_port};
+use super::{TS, cpu_secs, event, free_port, proc_status};
 
 /// Whether `redis-server` is on the PATH.
 pub fn installed() -> bool {
@@ -72,6 +72,11 @@ impl RedisServer {
 
     pub fn cpu_secs(&self) -> f64 {
         cpu_secs(self.child.id())
+    }
+
+    /// The server's resident memory, KiB.
+    pub fn rss_kb(&self) -> u64 {
+        proc_status(self.child.id(), "VmRSS")
     }
 }
 
@@ -253,4 +258,50 @@ pub async fn ingest(port: u16, conns: usize, batch: u64, total: u64) -> (f64, Ve
     assert_eq!(stored, acked.load(Ordering::Relaxed), "XLEN after ingest");
     lat.sort_unstable();
     (stored as f64 / secs, lat)
+}
+
+/// W5 against Redis (the peers' harness's method): `total` idle connections, each blocked
+/// in `XREAD BLOCK 0 STREAMS idle $`, opened 64 at a time; waits until `INFO clients`
+/// counts them all blocked. Returns the server's VmRSS growth per connection in KiB (as
+/// cairn's `idle` figure), or why the run is not comparable.
+pub async fn idle(server: &RedisServer, total: usize) -> Result<f64, String> {
+    use futures_util::StreamExt;
+    let mut admin = Resp::connect(server.port).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss0 = server.rss_kb();
+    let port = server.port;
+    let mut xread = Vec::new();
+    command(&mut xread, &[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"idle", b"$"]);
+    let xread = &xread;
+    // Bare sockets: nothing is read from them, so no reader buffer per connection.
+    let mut opens = futures_util::stream::iter(0..total)
+        .map(|_| async move {
+            let mut con = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            con.write_all(xread)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            Ok::<TcpStream, String>(con)
+        })
+        .buffer_unordered(64);
+    let mut held = Vec::with_capacity(total);
+    while let Some(con) = opens.next().await {
+        held.push(con?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let blocked = admin.info_number("clients", "blocked_clients").await?;
+        if blocked as usize >= total {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {blocked} of {total} clients blocked after 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss1 = server.rss_kb();
+    drop(held);
+    Ok((rss1 as f64 - rss0 as f64) / total as f64)
 }
