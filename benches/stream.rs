@@ -1507,7 +1507,9 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
         .filter(|w| *w != VsRedis::W5 || nofile >= IDLE as u64 + 200)
         .collect();
     if workloads.len() < VsRedis::ALL.len() {
-        println!("vs-redis: the open-file limit {nofile} is too low for W5's {IDLE} streams; W5 skipped");
+        println!(
+            "vs-redis: the open-file limit {nofile} is too low for W5's {IDLE} streams; W5 skipped"
+        );
     }
     // ratios[w][pair]: cairn/Redis, in the workload's own unit.
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); workloads.len()];
@@ -1545,7 +1547,8 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
                             let (rate, lat) =
                                 rt.block_on(redis_ingest(r.port, conns, batch, total));
                             let cpu = r.cpu_secs() - cpu0;
-                            let name = format!("pair {pair} {label} Redis appendfsync {redis_sync}");
+                            let name =
+                                format!("pair {pair} {label} Redis appendfsync {redis_sync}");
                             support::report(&name, rate, &lat, cpu * 1e6 / total as f64);
                             rate
                         }

@@ -271,7 +271,10 @@ pub async fn idle(server: &RedisServer, total: usize) -> Result<f64, String> {
     let rss0 = server.rss_kb();
     let port = server.port;
     let mut xread = Vec::new();
-    command(&mut xread, &[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"idle", b"$"]);
+    command(
+        &mut xread,
+        &[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"idle", b"$"],
+    );
     let xread = &xread;
     // Bare sockets: nothing is read from them, so no reader buffer per connection.
     let mut opens = futures_util::stream::iter(0..total)
@@ -296,7 +299,9 @@ pub async fn idle(server: &RedisServer, total: usize) -> Result<f64, String> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("only {blocked} of {total} clients blocked after 60 s"));
+            return Err(format!(
+                "only {blocked} of {total} clients blocked after 60 s"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
