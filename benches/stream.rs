@@ -21,7 +21,6 @@
 
 mod support;
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -37,6 +36,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use support::redis::{IDLE_SETTLE, IdleMemory};
 use support::{Server, TS, batch_body, event};
 
 /// Most connections being opened at once: under the usual listen backlog of 128, so a
@@ -1079,20 +1079,7 @@ async fn open_idle(
             .await
             .map_err(|e| format!("connect: {}", e.kind()))?;
         // Closing sends a RST instead of leaving 10,000 ports in TIME_WAIT.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: a valid socket and a valid linger struct of the size given.
-        unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
-        }
+        support::redis::set_zero_linger(&stream);
         stream
             .write_all(&request)
             .await
@@ -1153,9 +1140,9 @@ async fn open_many(
     }
 }
 
-/// Opens `total` idle streams and prints the server's memory per stream; returns the KiB of
-/// VmRSS per stream.
-async fn idle(server: &Server, transport: Transport, total: usize) -> f64 {
+/// Opens `total` idle streams and prints the server's memory per stream, soon after they
+/// are open and after `IDLE_SETTLE` (as for Redis); NaN figures if not all of them opened.
+async fn idle(server: &Server, transport: Transport, total: usize) -> IdleMemory {
     let addr: std::net::SocketAddr = server.addr.parse().expect("addr");
     let request = match transport {
         Transport::Sse => format!(
@@ -1213,6 +1200,8 @@ async fn idle(server: &Server, transport: Transport, total: usize) -> f64 {
         server.status("Threads"),
         healthz_connections(&server.addr).await,
     );
+    tokio::time::sleep(IDLE_SETTLE).await;
+    let rss_settled = server.status("VmRSS");
     drop(streams);
     let close_deadline = Instant::now() + Duration::from_secs(15);
     let mut hz3 = healthz_connections(&server.addr).await;
@@ -1222,6 +1211,7 @@ async fn idle(server: &Server, transport: Transport, total: usize) -> f64 {
     }
     let rss3 = server.status("VmRSS");
     let per_conn = (rss2 as f64 - rss0 as f64) / n2.max(1) as f64;
+    let settled = (rss_settled as f64 - rss0 as f64) / n2.max(1) as f64;
     let marginal = (rss2 as f64 - rss1 as f64) / (n2 - n1).max(1) as f64;
     println!(
         "W5 idle {transport:?}: {n2} of {total} idle streams open in {open_s:.2} s (healthz connections {hz2}); server VmRSS {:.1} MB -> {:.1} MB: {per_conn:.1} KB per connection [target <= 8 KB: {}]  marginal (1,000 -> {n2}) {marginal:.1} KB",
@@ -1231,11 +1221,21 @@ async fn idle(server: &Server, transport: Transport, total: usize) -> f64 {
         open_s = open_secs,
     );
     println!(
-        "    at {n1} streams: VmRSS {:.1} MB (healthz connections {hz1}); threads {threads0} -> {threads2}; after closing all: VmRSS {:.1} MB, healthz connections {hz3}; failures {failures:?}",
+        "    after {} s more: {settled:.1} KB per connection; at {n1} streams: VmRSS {:.1} MB (healthz connections {hz1}); threads {threads0} -> {threads2}; after closing all: VmRSS {:.1} MB, healthz connections {hz3}; failures {failures:?}",
+        IDLE_SETTLE.as_secs(),
         rss1 as f64 / 1024.0,
         rss3 as f64 / 1024.0,
     );
-    per_conn
+    if n2 < total {
+        return IdleMemory {
+            at_open: f64::NAN,
+            settled: f64::NAN,
+        };
+    }
+    IdleMemory {
+        at_open: per_conn,
+        settled,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1427,8 +1427,9 @@ async fn redis_fanout(port: u16, cfg: &Fanout, name: &str) -> (f64, bool) {
     (p99, complete)
 }
 
-/// Median of a non-empty list.
+/// Median of the figures that are numbers (a failed run's is NaN); NaN if there are none.
 fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -1481,7 +1482,9 @@ impl VsRedis {
             VsRedis::W1 => "events/s, fsync vs appendfsync always [target >= 1.15]",
             VsRedis::W2 => "events/s, --sync none vs everysec [target >= 1]",
             VsRedis::W4 => "p99, SSE --sync none vs XREAD everysec [target <= 1]",
-            VsRedis::W5 => "KiB per idle SSE stream vs blocked XREAD client [target: cairn <= 8]",
+            VsRedis::W5 => {
+                "KiB per idle SSE stream vs blocked XREAD client, settled [target: cairn <= 8]"
+            }
             VsRedis::Single => {
                 "events/s, 64 conns x 1 event, fsync vs always [target: cairn >= 40k/s]"
             }
@@ -1513,6 +1516,8 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
     }
     // ratios[w][pair]: cairn/Redis, in the workload's own unit.
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); workloads.len()];
+    // cairn's own figure per pair, for the targets that are absolute.
+    let mut cairn_figures: Vec<Vec<f64>> = vec![Vec::new(); workloads.len()];
     let mut incomplete = 0;
     for pair in 1..=pairs {
         let order: [bool; 2] = if pair % 2 == 1 {
@@ -1576,15 +1581,18 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
                     VsRedis::W5 => {
                         if is_cairn {
                             let s = Server::start("none", &["--max-connections", "20000"]);
-                            rt.block_on(idle(&s, Transport::Sse, IDLE))
+                            rt.block_on(idle(&s, Transport::Sse, IDLE)).settled
                         } else {
                             let r = RedisServer::start("everysec");
                             match rt.block_on(redis_idle(&r, IDLE)) {
                                 Ok(kb) => {
                                     println!(
-                                        "pair {pair} W5 Redis: {IDLE} clients blocked in XREAD: {kb:.1} KB per connection"
+                                        "pair {pair} W5 Redis: {IDLE} clients blocked in XREAD: {:.1} KB per connection, {:.1} KB after {} s more",
+                                        kb.at_open,
+                                        kb.settled,
+                                        IDLE_SETTLE.as_secs()
                                     );
-                                    kb
+                                    kb.settled
                                 }
                                 Err(e) => {
                                     println!("pair {pair} W5 Redis: {e}");
@@ -1597,6 +1605,7 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
             }
             let ratio = figures[0] / figures[1];
             ratios[w].push(ratio);
+            cairn_figures[w].push(figures[0]);
             println!(
                 "pair {pair} {label}: cairn/Redis = {ratio:.3} ({})",
                 if workload.higher_is_better() {
@@ -1609,8 +1618,17 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
     }
     println!("vs-redis summary ({pairs} pairs, cairn/Redis per pair, then the median):");
     for (w, workload) in workloads.iter().enumerate() {
+        let failed = ratios[w].iter().filter(|r| r.is_nan()).count();
+        let cairn = match workload {
+            VsRedis::W5 => format!("; cairn median {:.1} KB", median(cairn_figures[w].clone())),
+            VsRedis::Single => format!(
+                "; cairn median {:.0} events/s",
+                median(cairn_figures[w].clone())
+            ),
+            _ => String::new(),
+        };
         println!(
-            "  {} {}: {}  median {:.3}",
+            "  {} {}: {}  median {:.3}{cairn}{}",
             workload.label(),
             workload.what(),
             ratios[w]
@@ -1618,7 +1636,12 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
                 .map(|r| format!("{r:.3}"))
                 .collect::<Vec<_>>()
                 .join(" "),
-            median(ratios[w].clone())
+            median(ratios[w].clone()),
+            if failed > 0 {
+                format!(" ({failed} failed run(s) left out)")
+            } else {
+                String::new()
+            }
         );
     }
     if incomplete > 0 {
@@ -1697,7 +1720,7 @@ fn main() {
             println!("idle: the open-file limit {nofile} is too low for {total} connections");
         } else {
             let s = Server::start("none", &["--max-connections", "20000"]);
-            let _ = rt.block_on(idle(&s, transport, total));
+            rt.block_on(idle(&s, transport, total));
         }
     }
 }
