@@ -1,7 +1,8 @@
-//! Redis, the peer of the W1/W2/W4 comparison: a `redis-server` on a loopback port with a
+//! Redis, the peer of the `vs-redis` comparison: a `redis-server` on a loopback port with a
 //! temporary directory (killed on drop), a minimal RESP2 client (no `redis` crate: the
 //! client's CPU is the server's on this 2-core machine, and the peers' harness reads the
-//! same way), and the W1/W2 ingest of the peers' workload (pipelines of 100 `XADD`).
+//! same way), the W1/W2 ingest of the peers' workload (pipelines of 100 `XADD`; also
+//! single-event requests) and W5's idle clients blocked in `XREAD`.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
