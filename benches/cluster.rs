@@ -46,19 +46,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn mark(ok: bool) -> &'static str {
     if ok { "ok" } else { "MISSED" }
 }
@@ -330,7 +317,7 @@ fn w1(rt: &tokio::runtime::Runtime) {
         }
         ratios.push(rates[1] / rates[0]);
     }
-    let m = median(ratios.clone());
+    let m = support::median(&ratios);
     println!(
         "W1 cluster / single node per pair: {}; median {m:.3} [target >= 0.50: {}]",
         ratios
@@ -989,7 +976,7 @@ fn failover(rt: &tokio::runtime::Runtime) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let m = median(times.clone());
+    let m = support::median(&times);
     println!(
         "failover, NATS stream leader kill -9: median {m:.2} s over {rounds} rounds (max {:.2} s) [target <= 10 s: {}]",
         times.iter().copied().fold(0.0, f64::max),
@@ -1032,7 +1019,7 @@ fn failover(rt: &tokio::runtime::Runtime) {
             || c.head_seq(seq) >= target,
         );
     }
-    let m = median(times.clone());
+    let m = support::median(&times);
     println!(
         "failover, sequencer node kill -9: median {m:.2} s over {rounds} rounds (max {:.2} s) [target <= 10 s: {}]",
         times.iter().copied().fold(0.0, f64::max),
@@ -1074,7 +1061,7 @@ fn follower_kill(rt: &tokio::runtime::Runtime, c: &mut Cluster, rounds: u64) {
     }
     println!(
         "failover, follower node kill -9: median {:.2} s over {rounds} rounds (max {:.2} s)",
-        median(times.clone()),
+        support::median(&times),
         times.iter().copied().fold(0.0, f64::max)
     );
 }

@@ -119,7 +119,7 @@ fn main() {
                     .map(|r| format!("{r:.3}"))
                     .collect::<Vec<_>>()
                     .join(" "),
-                (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0
+                support::median(&ratios)
             );
         }
     }

@@ -37,7 +37,7 @@ use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use support::redis::{IDLE_SETTLE, IdleMemory};
-use support::{Server, TS, batch_body, event};
+use support::{Server, TS, batch_body, event, median};
 
 /// Most connections being opened at once: under the usual listen backlog of 128, so a
 /// dropped SYN cannot add a 1 s retransmit to the opening time.
@@ -1079,7 +1079,7 @@ async fn open_idle(
             .await
             .map_err(|e| format!("connect: {}", e.kind()))?;
         // Closing sends a RST instead of leaving 10,000 ports in TIME_WAIT.
-        support::redis::set_zero_linger(&stream);
+        support::set_zero_linger(&stream);
         stream
             .write_all(&request)
             .await
@@ -1427,21 +1427,6 @@ async fn redis_fanout(port: u16, cfg: &Fanout, name: &str) -> (f64, bool) {
     (p99, complete)
 }
 
-/// Median of the figures that are numbers (a failed run's is NaN); NaN if there are none.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| !x.is_nan());
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// The workloads of `vs-redis`, in the order each pair runs them.
 #[derive(Clone, Copy, PartialEq)]
 enum VsRedis {
@@ -1620,11 +1605,8 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
     for (w, workload) in workloads.iter().enumerate() {
         let failed = ratios[w].iter().filter(|r| r.is_nan()).count();
         let cairn = match workload {
-            VsRedis::W5 => format!("; cairn median {:.1} KB", median(cairn_figures[w].clone())),
-            VsRedis::Single => format!(
-                "; cairn median {:.0} events/s",
-                median(cairn_figures[w].clone())
-            ),
+            VsRedis::W5 => format!("; cairn median {:.1} KB", median(&cairn_figures[w])),
+            VsRedis::Single => format!("; cairn median {:.0} events/s", median(&cairn_figures[w])),
             _ => String::new(),
         };
         println!(
@@ -1636,7 +1618,7 @@ fn vs_redis(rt: &tokio::runtime::Runtime, pairs: usize, nofile: u64) {
                 .map(|r| format!("{r:.3}"))
                 .collect::<Vec<_>>()
                 .join(" "),
-            median(ratios[w].clone()),
+            median(&ratios[w]),
             if failed > 0 {
                 format!(" ({failed} failed run(s) left out)")
             } else {

@@ -217,7 +217,7 @@ fn main() {
                 .iter()
                 .map(|r| (r * 1000.0).round() / 1000.0)
                 .collect::<Vec<_>>(),
-            ratios[ratios.len() / 2]
+            support::median(&ratios)
         );
     }
 }

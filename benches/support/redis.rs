@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::{TS, cpu_secs, event, free_port, proc_status};
+use super::{TS, cpu_secs, event, free_port, proc_status, set_zero_linger};
 
 /// Whether `redis-server` is on the PATH.
 pub fn installed() -> bool {
@@ -335,22 +335,4 @@ pub async fn idle(server: &RedisServer, total: usize) -> Result<IdleMemory, Stri
     let settled = per_conn(server.rss_kb());
     drop(held);
     Ok(IdleMemory { at_open, settled })
-}
-
-/// SO_LINGER 0 on a socket: closing it sends a RST and leaves no TIME_WAIT behind.
-pub fn set_zero_linger(socket: &impl std::os::fd::AsRawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a valid linger struct of the size given.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
 }
